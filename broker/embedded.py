@@ -1,0 +1,554 @@
+"""The embedded broker: amqtt 0.12.1 with mutual TLS, certificate identities and the fleet ACL.
+
+The stock amqtt broker, measured on 0.12.1, is unsafe for a fleet in ways its plugin API cannot
+fix, so ``FleetBroker`` overrides the session handling itself. Each override names the defect it
+closes; tests/broker/test_amqtt_defects.py holds one regression test per defect:
+
+1. TLS accepted clients without a certificate (``CERT_OPTIONAL`` hard-coded).
+2. A persistent-session resume authenticated with the *previous* connection's certificate.
+3. An existing session was deleted or taken over *before* the newcomer was authenticated.
+4. Every CONNECT got every retained message matching any subscription in the broker, unchecked.
+5. A persistent session resumed within ~1 s of a clean one inherited ``clean_session`` and lost
+   its offline queue.
+6. Sessions without a username counted as anonymous and got no offline queue.
+7. A secondary listener silently copied unset fields from the default listener.
+8. Keepalive was never enforced (``handle_read_timeout`` is a no-op): half-open clients stayed
+   "connected" forever and their last will never fired.
+
+The client id is always the certificate CN, whatever the client sent, as Mosquitto does with
+``use_identity_as_username`` + ``use_username_as_clientid``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.broker import Broker
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from broker import policy
+from certs import CertificateRejected, Identity, PkiError, PkiPaths, Role, identity_from_der, load_revoked_serials
+from fleet.protocol.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IDENTITY = "fleet.identity"  # key in amqtt's Session.attributes
+TAKEOVER_TIMEOUT = 10.0
+CLIENT_ROLES = frozenset({Role.DEVICE, Role.CONTROLLER, Role.OPERATOR})
+
+
+class BrokerStartError(ConfigError):
+    """The broker cannot start; the message names the file, address or value at fault."""
+
+
+class PacketTooLarge(Exception):
+    """A client announced a packet larger than the configured cap."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    host: str
+    port: int
+    max_connections: int = 0  # 0: unlimited
+
+    @property
+    def label(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_listen(value: str) -> Listener:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> Listener; a ConfigError names the value otherwise."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"--listen {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8883 or [::1]:8883")
+    return Listener(host, int(port_text))
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    pki: PkiPaths
+    listeners: tuple[Listener, ...]
+    max_packet_size: int = 512 * 1024
+    max_queued_messages: int = 100_000  # per offline session; the oldest is dropped beyond it
+    session_expiry: float | None = 7 * 24 * 3600.0  # disconnected persistent sessions are kept this long
+    crl_poll_interval: float = 2.0
+
+
+@dataclass
+class BrokerStats:
+    connections_refused: int = 0
+    publish_denied: int = 0
+    subscribe_denied: int = 0
+    queued_dropped: int = 0
+    keepalive_timeouts: int = 0
+    takeovers: int = 0
+    revoked_disconnects: int = 0
+    oversize_packets: int = 0
+
+
+def _abort(writer: WriterAdapter | None) -> None:
+    """Drop a connection at once; a graceful close could wait forever on a dead peer's window."""
+    stream = getattr(writer, "_writer", None)
+    if isinstance(stream, asyncio.StreamWriter):
+        stream.transport.abort()
+
+
+class _CappedReader(ReaderAdapter):  # type: ignore[misc]
+    def __init__(self, inner: ReaderAdapter, cap: int, stats: BrokerStats) -> None:
+        self._inner = inner
+        self._cap = cap
+        self._stats = stats
+
+    async def read(self, n: int = -1) -> bytes:
+        if n > self._cap:
+            self._stats.oversize_packets += 1
+            raise PacketTooLarge(f"packet of {n} bytes exceeds the {self._cap}-byte cap")
+        data: bytes = await self._inner.read(n)
+        return data
+
+    def feed_eof(self) -> None:
+        self._inner.feed_eof()
+
+
+class _ProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    stats: BrokerStats | None = None
+
+    def handle_read_timeout(self) -> None:
+        # MQTT-3.1.2-24: no packet within 1.5 x keepalive means the link is dead. Aborting makes
+        # the reader loop end, which runs the normal abnormal-disconnect path (last will).
+        client = self.session.client_id if self.session else "?"
+        log.warning("%s: keepalive expired, closing the connection", client)
+        if self.stats is not None:
+            self.stats.keepalive_timeouts += 1
+        _abort(self.writer)
+
+
+@dataclass
+class _LiveConnection:
+    handler: BrokerProtocolHandler
+    identity: Identity
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def build_tls_context(pki: PkiPaths) -> ssl.SSLContext:
+    """Server context: client certificate required (defect 1), CRL checked, TLS 1.2 minimum."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    for path in (pki.ca_cert, pki.server_cert, pki.server_key, pki.crl):
+        if not path.is_file():
+            raise BrokerStartError(f"{path}: not found (run `fleet certs init {pki.root}` first)")
+    try:
+        context.load_verify_locations(cafile=str(pki.ca_cert))
+    except (ssl.SSLError, OSError) as exc:
+        raise BrokerStartError(f"{pki.ca_cert}: not a usable CA certificate ({exc})") from exc
+    try:
+        context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise BrokerStartError(f"{pki.server_cert} / {pki.server_key}: unusable or not a pair ({exc})") from exc
+    try:
+        context.load_verify_locations(cafile=str(pki.crl))
+    except (ssl.SSLError, OSError) as exc:
+        raise BrokerStartError(f"{pki.crl}: not a usable CRL ({exc})") from exc
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def _bind(listener: Listener) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listener.host, listener.port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BrokerStartError(f"--listen {listener.label}: {exc.strerror or exc}") from exc
+    return sock
+
+
+class FleetBroker(Broker):  # type: ignore[misc]
+    """amqtt's broker with the fleet's identity, session and access rules."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        names = [f"listener{index}" for index in range(len(settings.listeners))]
+        config = BrokerConfig(
+            listeners={"default": ListenerConfig(bind=None)},
+            plugins={},  # no anonymous auth, no $SYS: identity and ACL are enforced here
+            session_expiry_interval=None if settings.session_expiry is None else math.ceil(settings.session_expiry),
+        )
+        # Defect 7: set every listener after BrokerConfig.__post_init__, which would otherwise copy
+        # any field left at its default from the "default" listener.
+        config.listeners = {
+            name: ListenerConfig(
+                type=ListenerType.TCP, bind=listener.label, max_connections=listener.max_connections, ssl=True
+            )
+            for name, listener in zip(names, settings.listeners, strict=True)
+        }
+        super().__init__(config)
+        self.settings = settings
+        self.stats = BrokerStats()
+        self._listener_specs = dict(zip(names, settings.listeners, strict=True))
+        self._sockets: dict[str, socket.socket] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._live: dict[str, _LiveConnection] = {}
+        self._revoked: frozenset[int] = frozenset()
+        self._crl_mtime: float | None = None
+        self._crl_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tls = build_tls_context(self.settings.pki)
+        self._reload_crl()
+        try:
+            for name, listener in self._listener_specs.items():
+                self._sockets[name] = _bind(listener)
+        except BrokerStartError:
+            self._close_sockets()
+            raise
+        await super().start()
+        self._crl_task = asyncio.create_task(self._watch_crl(), name="broker-crl-watch")
+        for name, listener in self._listener_specs.items():
+            log.info("Broker listening on %s (mutual TLS)", self._bound_label(name, listener))
+
+    async def shutdown(self) -> None:
+        if self._crl_task is not None:
+            self._crl_task.cancel()
+            await asyncio.gather(self._crl_task, return_exceptions=True)
+        for live in list(self._live.values()):
+            _abort(live.handler.writer)
+        await super().shutdown()
+        self._close_sockets()
+
+    def bound_ports(self) -> list[int]:
+        return [int(sock.getsockname()[1]) for sock in self._sockets.values()]
+
+    def _bound_label(self, name: str, listener: Listener) -> str:
+        return Listener(listener.host, int(self._sockets[name].getsockname()[1])).label
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    def _create_ssl_context(self, listener: ListenerConfig) -> ssl.SSLContext:
+        assert self._tls is not None, "start() builds the TLS context before listeners"
+        return self._tls
+
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> asyncio.Server:
+        # Sockets are bound in start() so a busy port fails with a clean one-line error.
+        return await asyncio.start_server(
+            partial(self.stream_connected, listener_name=listener_name),
+            sock=self._sockets[listener_name],
+            ssl=ssl_context,
+            ssl_handshake_timeout=15,
+        )
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        capped = _CappedReader(StreamReaderAdapter(reader), self.settings.max_packet_size, self.stats)
+        await self._client_connected(listener_name, capped, StreamWriterAdapter(writer))
+
+    # ---- identity and sessions -------------------------------------------------------------
+
+    async def _initialize_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        remote_address: str,
+        remote_port: int,
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, incoming = await self._read_connect(reader, writer, remote_address, remote_port)
+        identity = self._identify(incoming, f"{remote_address}:{remote_port}")
+        if identity is None:
+            self.stats.connections_refused += 1
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            _abort(writer)
+            raise AMQTTError("connection refused: no valid identity")
+        # Identity decides the client id, whatever the client sent (defects 2 and 3: nothing about
+        # an existing session is touched before this point).
+        incoming.client_id = identity.name
+        incoming.username = identity.name
+        incoming.attributes[IDENTITY] = identity
+        # MQTT-3.1.2-24: the server allows one and a half keepalive periods.
+        incoming.keep_alive = math.ceil(incoming.keep_alive * 1.5)
+        await self._take_over(identity.name)
+        return handler, self._resume_or_replace(incoming)
+
+    async def _read_connect(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        try:
+            handler, session = await _ProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except (AMQTTError, MQTTError, NoDataError, PacketTooLarge) as exc:
+            self.stats.connections_refused += 1
+            log.warning("%s:%s: no valid CONNECT: %s", remote_address, remote_port, exc)
+            _abort(writer)
+            raise AMQTTError(str(exc)) from exc
+        handler.stats = self.stats
+        return handler, session
+
+    def _identify(self, session: Session, peer: str) -> Identity | None:
+        ssl_object = session.ssl_object
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            log.warning("%s: refused: no client certificate", peer)
+            return None
+        try:
+            identity = identity_from_der(der)
+        except CertificateRejected as exc:
+            log.warning("%s: refused: %s", peer, exc)
+            return None
+        if identity.role not in CLIENT_ROLES:
+            log.warning(
+                "%s: refused: %s is a %s certificate, not a client identity", peer, identity.name, identity.role
+            )
+            return None
+        self._reload_crl()
+        if identity.serial in self._revoked:
+            log.warning("%s: refused: certificate of %s (serial %x) is revoked", peer, identity.name, identity.serial)
+            return None
+        return identity
+
+    async def _take_over(self, client_id: str) -> None:
+        """Close a live connection of the same identity and wait until its session is settled."""
+        live = self._live.get(client_id)
+        if live is None:
+            return
+        self.stats.takeovers += 1
+        log.info("%s: new connection takes over the existing one", client_id)
+        _abort(live.handler.writer)
+        try:
+            await asyncio.wait_for(live.ended.wait(), TAKEOVER_TIMEOUT)
+        except TimeoutError as exc:
+            raise AMQTTError(f"{client_id}: previous connection did not close in time") from exc
+
+    def _resume_or_replace(self, incoming: Session) -> Session:
+        client_id = incoming.client_id
+        existing = self._sessions.get(client_id, (None, None))[0]
+        if existing is not None and (incoming.clean_session or existing.clean_session):
+            # Defect 5: a clean session must never be resumed, even before the monitor reaps it.
+            self._sessions.pop(client_id, None)
+            self._forget_subscriptions(existing)
+            existing.clear_queues()
+            existing = None
+        if existing is None:
+            incoming.parent = 0
+            return incoming
+        for attribute in (
+            "will_flag",
+            "will_message",
+            "will_topic",
+            "will_qos",
+            "will_retain",
+            "keep_alive",
+            "username",
+            "password",
+            "ssl_object",
+            "remote_address",
+            "remote_port",
+        ):
+            setattr(existing, attribute, getattr(incoming, attribute))
+        existing.attributes[IDENTITY] = incoming.attributes[IDENTITY]
+        existing.clean_session = False
+        existing.parent = 1
+        return existing
+
+    def _forget_subscriptions(self, session: Session) -> None:
+        for topic_filter in list(self._subscriptions):
+            self._del_subscription(topic_filter, session)
+            if not self._subscriptions[topic_filter]:
+                del self._subscriptions[topic_filter]
+
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        client_id: str = client_session.client_id
+        live = _LiveConnection(handler, client_session.attributes[IDENTITY])
+        self._live[client_id] = live
+        try:
+            client_session.transitions.connect()
+            handler.attach(client_session, reader, writer)
+            self._sessions[client_id] = (client_session, handler)
+            await handler.mqtt_connack_authorize(True)
+            log.info(
+                "%s connected (%s, session %s)",
+                client_id,
+                live.identity.role,
+                "resumed" if client_session.parent else "new",
+            )
+            await handler.start()
+            # Defect 4: only this session's own queue is delivered on connect; retained messages
+            # go out on SUBSCRIBE, per filter and ACL-checked.
+            await self._publish_session_retained_messages(client_session)
+            await self._client_message_loop(client_session, handler)
+        finally:
+            if self._live.get(client_id) is live:
+                del self._live[client_id]
+            live.ended.set()
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            # Queued messages were not retained publishes: deliver them with retain=0, in order.
+            await handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        topic_filter, qos = subscription
+        identity: Identity | None = session.attributes.get(IDENTITY)
+        handler = self._get_handler(session)
+        if identity is None or handler is None:
+            return
+        for topic, retained in list(self._retained_messages.items()):
+            if self._matches(topic, topic_filter) and policy.may_receive(identity, topic):
+                await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+
+    async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Session) -> None:
+        queue = target_session.retained_messages
+        while queue.qsize() >= self.settings.max_queued_messages:
+            queue.get_nowait()
+            self.stats.queued_dropped += 1
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    # ---- access control --------------------------------------------------------------------
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        identity: Identity | None = session.attributes.get(IDENTITY)
+        if identity is None:
+            return False
+        if action == Action.PUBLISH:
+            allowed = policy.may_publish(identity, topic)
+            if not allowed:
+                self.stats.publish_denied += 1
+                log.warning("%s (%s) may not publish to %s: dropped", identity.name, identity.role, topic)
+            return allowed
+        if action == Action.SUBSCRIBE:
+            allowed = policy.may_subscribe(identity, topic)
+            if not allowed:
+                self.stats.subscribe_denied += 1
+                log.warning("%s (%s) may not subscribe to %s: refused", identity.name, identity.role, topic)
+            return allowed
+        return policy.may_receive(identity, topic)
+
+    # ---- revocation ------------------------------------------------------------------------
+
+    def _reload_crl(self) -> None:
+        """Re-read crl.pem when it changed; a broken CRL keeps the last good one (and says so)."""
+        path = self.settings.pki.crl
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as exc:
+            log.error("%s: cannot read the CRL, keeping the last one: %s", path, exc)
+            return
+        if mtime == self._crl_mtime:
+            return
+        try:
+            self._revoked = load_revoked_serials(self.settings.pki)
+        except PkiError as exc:
+            log.error("keeping the last good CRL: %s", exc)
+            return
+        self._crl_mtime = mtime
+
+    async def _watch_crl(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.crl_poll_interval)
+            self._reload_crl()
+            for client_id, live in list(self._live.items()):
+                if live.identity.serial in self._revoked:
+                    self.stats.revoked_disconnects += 1
+                    log.warning("%s: certificate revoked, disconnecting", client_id)
+                    _abort(live.handler.writer)
+
+
+class ThreadedBroker:
+    """Runs a FleetBroker on its own event loop in a named thread (tests, demo, controller)."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="embedded-broker", daemon=True)
+        self.broker: FleetBroker | None = None
+
+    def start(self, timeout: float = 30.0) -> FleetBroker:
+        self._thread.start()
+        self.broker = self._call(self._create_and_start(), timeout)
+        return self.broker
+
+    async def _create_and_start(self) -> FleetBroker:
+        broker = FleetBroker(self.settings)
+        await broker.start()
+        return broker
+
+    def stop(self, timeout: float = 30.0) -> None:
+        try:
+            if self.broker is not None:
+                self._call(self.broker.shutdown(), timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return self._call(coro, timeout)
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def ports(self) -> list[int]:
+        assert self.broker is not None
+        return self.broker.bound_ports()
+
+
+@contextmanager
+def running_broker(settings: BrokerSettings) -> Iterator[ThreadedBroker]:
+    threaded = ThreadedBroker(settings)
+    try:
+        threaded.start()
+        yield threaded
+    finally:
+        threaded.stop()
+
+
+def pki_paths(root: str | Path) -> PkiPaths:
+    return PkiPaths(Path(root))

@@ -1,0 +1,46 @@
+"""The operator CLI ``fleet``: one Typer app, one sub-app per concern."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import NoReturn
+
+import typer
+
+from fleet.protocol.errors import FleetError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fleet messaging and updates over MQTT.")
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line naming what is wrong and exit 2 (the contract for every bad input)."""
+    typer.echo(f"fleet: error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+_registered = False
+
+
+def _register_subcommands() -> None:
+    """Mount the sub-apps once; imported lazily so `fleet --help` stays fast."""
+    global _registered  # noqa: PLW0603 - one-time registration on the module-level app
+    if _registered:
+        return
+    _registered = True
+    from fleet.cli import broker_cmd, certs_cmd
+
+    app.add_typer(certs_cmd.app, name="certs")
+    app.command("broker")(broker_cmd.broker)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # amqtt logs every connection and plugin load at INFO; the fleet's own lines say what matters.
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    _register_subcommands()
+    try:
+        app()
+    except FleetError as exc:  # anything not already turned into a one-line error
+        typer.echo(f"fleet: error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,95 @@
+"""Embedded broker start-up, listeners and bad input."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.embedded import BrokerSettings, BrokerStartError, Listener, ThreadedBroker, parse_listen, running_broker
+from certs import PkiPaths
+from fleet.protocol.errors import ConfigError
+from tests.conftest import Pki
+from tests.mqtt import Endpoint, MqttClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_defect_7_secondary_listener_keeps_its_own_settings(pki: Pki) -> None:
+    """amqtt copied unset fields from the default listener; here listener 2 stays unlimited."""
+    settings = BrokerSettings(
+        pki=pki.paths, listeners=(Listener("127.0.0.1", 0, max_connections=1), Listener("127.0.0.1", 0))
+    )
+    with running_broker(settings) as threaded:
+        assert threaded.broker is not None
+        assert threaded.broker.listeners_config["listener1"].max_connections == 0
+        second = Endpoint("amqtt", "127.0.0.1", threaded.ports[1])
+        clients = [MqttClient(second, pki.device(node)) for node in ("gw-a", "gw-b")]
+        try:
+            assert all(client.try_connect() for client in clients)
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_ipv6_loopback_listener(pki: Pki) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    with running_broker(BrokerSettings(pki=pki.paths, listeners=(Listener("::1", 0),))) as threaded:
+        client = MqttClient(Endpoint("amqtt", "::1", threaded.ports[0]), pki.device("gw-a"))
+        try:
+            assert client.try_connect()
+        finally:
+            client.close()
+
+
+def test_port_in_use_is_a_one_line_error(pki: Pki) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        threaded = ThreadedBroker(BrokerSettings(pki=pki.paths, listeners=(Listener("127.0.0.1", port),)))
+        try:
+            with pytest.raises(BrokerStartError, match=re.escape(f"127.0.0.1:{port}")):
+                threaded.start()
+        finally:
+            threaded.stop()
+
+
+def test_missing_certificates_name_the_file(tmp_path: Path) -> None:
+    threaded = ThreadedBroker(BrokerSettings(pki=PkiPaths(tmp_path), listeners=(Listener("127.0.0.1", 0),)))
+    try:
+        with pytest.raises(BrokerStartError, match=r"ca\.pem"):
+            threaded.start()
+    finally:
+        threaded.stop()
+
+
+@pytest.mark.parametrize("value", ["8883", "localhost:", ":8883", "host:99999", "host:port"])
+def test_bad_listen_values(value: str) -> None:
+    with pytest.raises(ConfigError, match="--listen"):
+        parse_listen(value)
+
+
+def test_listen_accepts_ipv6_brackets() -> None:
+    assert parse_listen("[::1]:8883") == Listener("::1", 8883)
+
+
+def test_cli_reports_a_busy_port_in_one_line(pki: Pki) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "fleet", "broker", "--certs", str(pki.paths.root), "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"fleet: error: --listen 127.0.0.1:{port}: Address already in use"

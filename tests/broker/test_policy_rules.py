@@ -1,0 +1,104 @@
+"""The policy as data, and its renderings; no broker needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.embedded import BrokerSettings, Listener
+from broker.policy import filter_covers, may_publish, may_receive, may_subscribe
+from broker.render import emqx_acl, mosquitto_acl
+from certs import Identity, Role
+from tests.conftest import Pki
+
+DEVICE = Identity("gw-a", Role.DEVICE, 1)
+OPERATOR = Identity("alice", Role.OPERATOR, 2)
+CONTROLLER = Identity("fleet-controller", Role.CONTROLLER, 3)
+
+
+@pytest.mark.parametrize(
+    ("granted", "requested", "covered"),
+    [
+        ("fleet/v1/#", "fleet/v1/nodes/+/cmd", True),
+        ("fleet/v1/#", "fleet/v1/#", True),
+        ("fleet/v1/#", "#", False),
+        ("fleet/v1/nodes/+/cmd", "fleet/v1/nodes/gw-a/cmd", True),
+        ("fleet/v1/nodes/+/cmd", "fleet/v1/nodes/#", False),
+        ("fleet/v1/nodes/gw-a/cmd", "fleet/v1/nodes/+/cmd", False),
+        ("fleet/v1/nodes/gw-a/cmd", "fleet/v1/nodes/gw-a/cmd", True),
+        ("fleet/v1/nodes/gw-a/cmd", "fleet/v1/nodes/gw-a/cmd/x", False),
+    ],
+)
+def test_filter_covers(granted: str, requested: str, covered: bool) -> None:
+    assert filter_covers(granted, requested) is covered
+
+
+def test_device_rules() -> None:
+    assert may_publish(DEVICE, "fleet/v1/nodes/gw-a/reported")
+    assert may_publish(DEVICE, "fleet/v1/nodes/gw-a/artifact/req")
+    assert not may_publish(DEVICE, "fleet/v1/nodes/gw-a/desired")
+    assert not may_publish(DEVICE, "fleet/v1/nodes/gw-b/reported")
+    assert may_subscribe(DEVICE, "fleet/v1/nodes/gw-a/artifact/chunk")
+    assert not may_subscribe(DEVICE, "fleet/v1/nodes/gw-a/#")
+    assert not may_receive(DEVICE, "fleet/v1/nodes/gw-b/desired")
+
+
+def test_operator_and_controller_rules() -> None:
+    assert may_publish(OPERATOR, "fleet/v1/nodes/gw-a/cmd")
+    assert not may_publish(OPERATOR, "fleet/v1/nodes/gw-a/desired")
+    assert may_subscribe(OPERATOR, "fleet/v1/#")
+    assert may_publish(CONTROLLER, "fleet/v1/nodes/gw-a/desired")
+    assert not may_publish(CONTROLLER, "other/topic")
+
+
+def test_mosquitto_acl_names_every_operator_and_controller(pki: Pki) -> None:
+    acl = mosquitto_acl(BrokerSettings(pki=pki.paths, listeners=(Listener("127.0.0.1", 8883),)))
+    for name in ("fleet-controller", "ctl-2", "operator", "alice"):
+        assert f"user {name}\n" in acl
+    assert "pattern write fleet/v1/nodes/%u/reported" in acl
+    assert "pattern read fleet/v1/nodes/%u/cmd" in acl
+    assert "topic write fleet/v1/nodes/+/cmd" in acl
+
+
+def test_emqx_acl_ends_with_deny(pki: Pki) -> None:
+    acl = emqx_acl(BrokerSettings(pki=pki.paths, listeners=(Listener("127.0.0.1", 8883),)))
+    assert '{allow, all, publish, ["fleet/v1/nodes/${username}/reported"]}.' in acl
+    assert acl.rstrip().endswith("{deny, all}.")
+
+
+def test_cli_render_mosquitto_writes_a_config_mosquitto_accepts(pki: Pki, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet",
+            "broker",
+            "--certs",
+            str(pki.paths.root),
+            "--listen",
+            "127.0.0.1:18883",
+            "--render",
+            "mosquitto",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    conf = (out / "mosquitto.conf").read_text()
+    for line in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        f"crlfile {pki.paths.root.resolve() / 'crl.pem'}",
+        "set_tcp_nodelay true",
+        "listener 18883 127.0.0.1",
+    ):
+        assert line in conf.splitlines()
+    assert (out / "acl").is_file() and (out / "data").is_dir()
