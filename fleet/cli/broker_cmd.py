@@ -13,12 +13,20 @@ from typing import Annotated
 import typer
 
 from broker.embedded import BrokerSettings, FleetBroker, parse_listen
-from broker.render import default_options, render
+from broker.render import RenderOptions, default_options, render
 from certs import PkiPaths
 from fleet.cli import fail
 from fleet.protocol.errors import FleetError
 
 log = logging.getLogger(__name__)
+
+# Where docker-compose.yml mounts the certificates, this directory and the broker's data.
+CONTAINER_OPTIONS = RenderOptions(
+    pki_dir=Path("/mosquitto/pki"),
+    config_dir=Path("/mosquitto/config"),
+    data_dir=Path("/mosquitto/data"),
+    user="mosquitto",
+)
 
 
 class RenderKind(StrEnum):
@@ -35,6 +43,9 @@ def broker(
     out: Annotated[Path | None, typer.Argument(help="output directory for --render")] = None,
     user: Annotated[str | None, typer.Option(help="--render mosquitto: user the broker drops privileges to")] = None,
     max_queued: Annotated[int, typer.Option(help="messages queued per offline session")] = 100_000,
+    container: Annotated[
+        bool, typer.Option("--container", help="--render with the paths of docker-compose.yml's broker container")
+    ] = False,
 ) -> None:
     """Run the embedded mutual-TLS broker, or render its policy for Mosquitto or EMQX."""
     try:
@@ -46,7 +57,8 @@ def broker(
         if render_kind is not None:
             if out is None:
                 fail("--render needs an output directory, e.g. `--render mosquitto ./out`")
-            for path in render(render_kind.value, settings, out, default_options(settings, out, user)):
+            options = CONTAINER_OPTIONS if container else default_options(settings, out, user)
+            for path in render(render_kind.value, settings, out, options):
                 typer.echo(f"wrote {path}")
             return
         asyncio.run(_serve(settings))

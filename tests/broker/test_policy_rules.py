@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,42 @@ def test_cli_render_mosquitto_writes_a_config_mosquitto_accepts(pki: Pki, tmp_pa
     ):
         assert line in conf.splitlines()
     assert (out / "acl").is_file() and (out / "data").is_dir()
+
+
+def test_docker_compose_file_is_valid() -> None:
+    compose = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed (apt-get install docker-compose; .ci/run does)")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(compose), "config", "-q"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_container_render_uses_container_paths(pki: Pki, tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleet",
+            "broker",
+            "--certs",
+            str(pki.paths.root),
+            "--listen",
+            "0.0.0.0:8883",
+            "--render",
+            "mosquitto",
+            str(out),
+            "--container",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    conf = (out / "mosquitto.conf").read_text().splitlines()
+    assert "cafile /mosquitto/pki/ca.pem" in conf
+    assert "acl_file /mosquitto/config/acl" in conf
+    assert "user mosquitto" in conf

@@ -1,0 +1,36 @@
+# `make run` and `make test` work on a fresh machine: each creates .venv and installs what it needs.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PKI ?= ./pki
+LISTEN ?= 127.0.0.1:8883
+
+.PHONY: setup run test lint unit clean
+
+$(BIN)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The main job: a mutual-TLS broker with freshly generated certificates, ready for agents.
+run: setup
+	@test -f $(PKI)/ca.pem || $(BIN)/fleet certs init $(PKI)
+	@test -f $(PKI)/devices/gw-0001/cert.pem || $(BIN)/fleet certs device $(PKI) gw-0001
+	$(BIN)/fleet broker --certs $(PKI) --listen $(LISTEN)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+unit: setup
+	$(BIN)/pytest -q
+
+# Everything CI runs: style, types, layering, then the tests against real brokers.
+test: lint unit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,174 @@
+"""``fleet certs``: create the PKI, issue and revoke identities, list them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import certs
+from certs import ClientPaths, IdentityInfo, PkiPaths
+from fleet.cli import fail
+from fleet.protocol.errors import FleetError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="PKI: CA, server, identities, CRL.")
+
+T = TypeVar("T")
+
+Dir = Annotated[Path, typer.Argument(help="The PKI directory.", metavar="DIR")]
+Force = Annotated[bool, typer.Option("--force", help="Replace what already exists.")]
+Days = Annotated[int, typer.Option("--days", min=1, help="Validity in days.")]
+
+
+class OutputFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+@app.command()
+def init(
+    directory: Dir,
+    force: Force = False,
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", metavar="HOST", help="Extra server name or IP (repeatable)."),
+    ] = None,
+    days: Days = certs.DEFAULT_DAYS,
+) -> None:
+    """Create the CA, server, controller and operator certificates, the release key and an empty CRL."""
+    pki = _run(lambda: certs.init_pki(directory, force=force, extra_sans=san or (), days=days))
+    _report_written(
+        [
+            pki.ca_cert,
+            pki.ca_key,
+            pki.server_cert,
+            pki.server_key,
+            pki.controller_cert,
+            pki.controller_key,
+            pki.operator_cert,
+            pki.operator_key,
+            pki.release_key,
+            pki.release_pub,
+            pki.crl,
+        ]
+    )
+
+
+@app.command()
+def device(
+    directory: Dir,
+    node_id: Annotated[str, typer.Argument(metavar="NODE_ID", help="The device's node id (its CN).")],
+    force: Force = False,
+    days: Days = certs.DEFAULT_DAYS,
+) -> None:
+    """Issue a device certificate whose CN is the node id."""
+    paths = _run(lambda: certs.issue_device(PkiPaths(directory), node_id, force=force, days=days))
+    _report_client(paths)
+
+
+@app.command()
+def operator(
+    directory: Dir,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The operator's name (its CN).")],
+    force: Force = False,
+    days: Days = certs.DEFAULT_DAYS,
+) -> None:
+    """Issue a personal operator certificate."""
+    paths = _run(lambda: certs.issue_operator(PkiPaths(directory), name, force=force, days=days))
+    _report_client(paths)
+
+
+@app.command()
+def controller(
+    directory: Dir,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The controller instance's name (its CN).")],
+    force: Force = False,
+    days: Days = certs.DEFAULT_DAYS,
+) -> None:
+    """Issue one more controller instance certificate."""
+    paths = _run(lambda: certs.issue_controller(PkiPaths(directory), name, force=force, days=days))
+    _report_client(paths)
+
+
+@app.command("revoke")
+def revoke_cmd(
+    directory: Dir,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The identity to revoke.")],
+) -> None:
+    """Add an identity's current certificate to crl.pem (brokers must reload it)."""
+    pki = PkiPaths(directory)
+    serial = _run(lambda: certs.revoke(pki, name))
+    typer.echo(f"revoked {name} (serial {_serial_hex(serial)}) in {pki.crl}")
+
+
+@app.command("ls")
+def ls_cmd(
+    directory: Dir,
+    output: Annotated[
+        OutputFormat, typer.Option("--output", "-o", help="table or json.")
+    ] = OutputFormat.TABLE,
+) -> None:
+    """List identities: name, role, serial, expiry, revoked."""
+    infos = _run(lambda: certs.list_identities(PkiPaths(directory)))
+    if output is OutputFormat.JSON:
+        typer.echo(json.dumps([_as_json(info) for info in infos], indent=2))
+    else:
+        Console().print(_as_table(infos))
+
+
+def _run(action: Callable[[], T]) -> T:
+    try:
+        return action()
+    except FleetError as exc:
+        fail(str(exc))
+
+
+def _report_written(paths: Iterable[Path]) -> None:
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+def _report_client(paths: ClientPaths) -> None:
+    _report_written([paths.cert, paths.key])
+
+
+def _serial_hex(serial: int) -> str:
+    # The spelling `openssl x509 -serial` and `openssl crl -text` use, so the two can be compared.
+    digits = f"{serial:X}"
+    return digits if len(digits) % 2 == 0 else f"0{digits}"
+
+
+def _as_json(info: IdentityInfo) -> dict[str, object]:
+    return {
+        "name": info.name,
+        "role": info.role.value,
+        # A string: 160-bit serials do not survive a JSON number in most consumers.
+        "serial": _serial_hex(info.serial),
+        "not_after": info.not_after.isoformat(),
+        "revoked": info.revoked,
+        "cert": str(info.cert),
+    }
+
+
+def _as_table(infos: Iterable[IdentityInfo]) -> Table:
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    table.add_column("role", min_width=len("controller"))
+    table.add_column("serial", overflow="fold")
+    table.add_column("not after", no_wrap=True, min_width=len("YYYY-MM-DD"))
+    table.add_column("revoked", min_width=len("revoked"))
+    for info in infos:
+        table.add_row(
+            info.name,
+            info.role.value,
+            _serial_hex(info.serial),
+            info.not_after.strftime("%Y-%m-%d"),
+            "[red]yes[/red]" if info.revoked else "no",
+        )
+    return table

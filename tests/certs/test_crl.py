@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import certs
+from certs import PkiError, PkiPaths
+from tests.certs import load_cert, load_crl
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PkiPaths:
+    pki = certs.init_pki(tmp_path / "pki")
+    certs.issue_device(pki, "gw-0001")
+    return pki
+
+
+def _verifies(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    key = ca.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    return crl.is_signature_valid(key)
+
+
+def _crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def test_initial_crl_is_empty_signed_and_long_lived(pki: PkiPaths) -> None:
+    crl = load_crl(pki.crl)
+    assert list(crl) == []
+    assert _verifies(crl, load_cert(pki.ca_cert))
+    assert crl.issuer == load_cert(pki.ca_cert).subject
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=3650)
+    assert certs.load_revoked_serials(pki) == frozenset()
+
+
+def test_revoke_adds_the_serial_and_resigns(pki: PkiPaths) -> None:
+    serial = certs.revoke(pki, "gw-0001")
+    assert serial == load_cert(pki.device("gw-0001").cert).serial_number
+    crl = load_crl(pki.crl)
+    assert [entry.serial_number for entry in crl] == [serial]
+    assert _verifies(crl, load_cert(pki.ca_cert))
+    assert _crl_number(crl) == 2
+    assert certs.load_revoked_serials(pki) == {serial}
+
+
+def test_revoking_twice_changes_nothing(pki: PkiPaths) -> None:
+    serial = certs.revoke(pki, "gw-0001")
+    before = pki.crl.read_bytes()
+    assert certs.revoke(pki, "gw-0001") == serial
+    assert pki.crl.read_bytes() == before
+
+
+def test_revocations_accumulate_and_keep_their_dates(pki: PkiPaths) -> None:
+    first = certs.revoke(pki, "gw-0001")
+    first_date = load_crl(pki.crl).get_revoked_certificate_by_serial_number(first)
+    assert first_date is not None
+    second = certs.revoke(pki, "operator")
+    crl = load_crl(pki.crl)
+    assert {entry.serial_number for entry in crl} == {first, second}
+    kept = crl.get_revoked_certificate_by_serial_number(first)
+    assert kept is not None
+    assert kept.revocation_date_utc == first_date.revocation_date_utc
+
+
+def test_revoke_unknown_name(pki: PkiPaths) -> None:
+    with pytest.raises(PkiError, match=rf"^no identity named 'nobody' in {re.escape(str(pki.root))}$"):
+        certs.revoke(pki, "nobody")
+
+
+def test_revoke_refuses_names_that_are_no_node_id(pki: PkiPaths) -> None:
+    with pytest.raises(PkiError, match="is not a node id"):
+        certs.revoke(pki, "../ca")
+
+
+def test_reissued_identity_is_no_longer_listed_as_revoked(pki: PkiPaths) -> None:
+    old_serial = certs.revoke(pki, "gw-0001")
+    (info,) = [info for info in certs.list_identities(pki) if info.name == "gw-0001"]
+    assert info.revoked
+    certs.issue_device(pki, "gw-0001", force=True)
+    (info,) = [info for info in certs.list_identities(pki) if info.name == "gw-0001"]
+    assert not info.revoked
+    assert info.serial != old_serial
+    assert certs.load_revoked_serials(pki) == {old_serial}  # the old certificate stays refused
+
+
+def test_forged_crl_is_refused(pki: PkiPaths, tmp_path: Path) -> None:
+    other = certs.init_pki(tmp_path / "other")
+    pki.crl.write_bytes(other.crl.read_bytes())
+    with pytest.raises(PkiError, match=rf"^{re.escape(str(pki.crl))}: not signed by the CA"):
+        certs.load_revoked_serials(pki)
+    with pytest.raises(PkiError, match=rf"^{re.escape(str(pki.crl))}: not signed by the CA"):
+        certs.revoke(pki, "gw-0001")
+
+
+def test_unreadable_crl_is_named(pki: PkiPaths) -> None:
+    pki.crl.write_text("not a crl")
+    with pytest.raises(PkiError, match=rf"^{re.escape(str(pki.crl))}: not a PEM CRL"):
+        certs.load_revoked_serials(pki)
+
+
+def test_missing_crl_is_rebuilt_by_revoke(pki: PkiPaths) -> None:
+    pki.crl.unlink()
+    with pytest.raises(PkiError, match=rf"^{re.escape(str(pki.crl))}: not found"):
+        certs.load_revoked_serials(pki)
+    serial = certs.revoke(pki, "gw-0001")
+    assert certs.load_revoked_serials(pki) == {serial}
+
+
+def test_certificate_of_a_replaced_ca_cannot_be_revoked(pki: PkiPaths) -> None:
+    certs.init_pki(pki.root, force=True)
+    with pytest.raises(PkiError, match=r"devices/gw-0001/cert.pem: not issued by this CA"):
+        certs.revoke(pki, "gw-0001")
