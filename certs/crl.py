@@ -32,9 +32,7 @@ def build_crl(
         .last_update(now)
         .next_update(now + CRL_VALIDITY)
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     for serial, when in sorted(revoked.items()):
         entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
@@ -43,9 +41,7 @@ def build_crl(
     return crl.public_bytes(serialization.Encoding.PEM)
 
 
-def parse_verified_crl(
-    data: bytes, *, source: str, ca_cert: x509.Certificate
-) -> x509.CertificateRevocationList:
+def parse_verified_crl(data: bytes, *, source: str, ca_cert: x509.Certificate) -> x509.CertificateRevocationList:
     """Parse a PEM CRL and check it was signed by ``ca_cert``; ``source`` names the file in errors."""
     try:
         crl = x509.load_pem_x509_crl(data)

@@ -120,9 +120,7 @@ def issue_device(
     ``not_valid_before`` / ``not_valid_after`` override ``days`` exactly (tests use them to make an
     expired certificate); dates without a timezone are taken as UTC.
     """
-    return _issue(
-        pki, node_id, Role.DEVICE, force=force, days=days, start=not_valid_before, end=not_valid_after
-    )
+    return _issue(pki, node_id, Role.DEVICE, force=force, days=days, start=not_valid_before, end=not_valid_after)
 
 
 def issue_operator(pki: PkiPaths, name: str, *, force: bool = False, days: int = DEFAULT_DAYS) -> ClientPaths:
@@ -130,9 +128,7 @@ def issue_operator(pki: PkiPaths, name: str, *, force: bool = False, days: int =
     return _issue(pki, name, Role.OPERATOR, force=force, days=days)
 
 
-def issue_controller(
-    pki: PkiPaths, name: str, *, force: bool = False, days: int = DEFAULT_DAYS
-) -> ClientPaths:
+def issue_controller(pki: PkiPaths, name: str, *, force: bool = False, days: int = DEFAULT_DAYS) -> ClientPaths:
     """Issue one more controller instance identity (each instance needs its own MQTT client id)."""
     return _issue(pki, name, Role.CONTROLLER, force=force, days=days)
 

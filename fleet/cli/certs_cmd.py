@@ -110,9 +110,7 @@ def revoke_cmd(
 @app.command("ls")
 def ls_cmd(
     directory: Dir,
-    output: Annotated[
-        OutputFormat, typer.Option("--output", "-o", help="table or json.")
-    ] = OutputFormat.TABLE,
+    output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json.")] = OutputFormat.TABLE,
 ) -> None:
     """List identities: name, role, serial, expiry, revoked."""
     infos = _run(lambda: certs.list_identities(PkiPaths(directory)))

@@ -87,9 +87,7 @@ def test_name_taken_by_another_role_is_a_one_line_error(root: Path) -> None:
 def test_missing_certs_dir_is_a_one_line_error(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     for args in (("device", missing, "gw-1"), ("ls", missing), ("revoke", missing, "gw-1")):
-        _assert_one_line_error(
-            _run(*args), f"{missing}/ca.pem: not found (run `fleet certs init {missing}` first)"
-        )
+        _assert_one_line_error(_run(*args), f"{missing}/ca.pem: not found (run `fleet certs init {missing}` first)")
 
 
 def test_revoke_then_ls_json(root: Path) -> None:

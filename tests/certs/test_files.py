@@ -10,9 +10,7 @@ from certs.files import PendingFile, write_files
 
 
 def test_private_files_are_created_owner_only(tmp_path: Path) -> None:
-    write_files(
-        [PendingFile(tmp_path / "k", b"secret", private=True), PendingFile(tmp_path / "c", b"public")]
-    )
+    write_files([PendingFile(tmp_path / "k", b"secret", private=True), PendingFile(tmp_path / "c", b"public")])
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
     assert (tmp_path / "k").read_bytes() == b"secret"
     assert (tmp_path / "c").read_bytes() == b"public"
