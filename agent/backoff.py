@@ -29,7 +29,7 @@ class _Attempt(RetryCallState):
 class Backoff:
     def __init__(self, policy: BackoffPolicy) -> None:
         self.policy = policy
-        self._wait = wait_exponential_jitter(initial=policy.initial, max=policy.maximum, jitter=policy.jitter)
+        self._wait = wait_exponential_jitter(multiplier=policy.initial, max=policy.maximum, jitter=policy.jitter)
         self.attempts = 0
 
     def next_delay(self) -> float:

@@ -14,6 +14,8 @@ closes; tests/broker/test_amqtt_defects.py holds one regression test per defect:
 7. A secondary listener silently copied unset fields from the default listener.
 8. Keepalive was never enforced (``handle_read_timeout`` is a no-op): half-open clients stayed
    "connected" forever and their last will never fired.
+9. A QoS-1 message in flight when the connection dropped was lost (amqtt issue #401): nothing
+   redelivered it to the persistent session.
 
 The client id is always the certificate CN, whatever the client sent, as Mosquitto does with
 ``use_identity_as_username`` + ``use_username_as_clientid``.
@@ -36,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import OUTGOING, Session
 
 from broker import policy
 from certs import CertificateRejected, Identity, PkiError, PkiPaths, Role, identity_from_der, load_revoked_serials
@@ -102,6 +104,7 @@ class BrokerStats:
     takeovers: int = 0
     revoked_disconnects: int = 0
     oversize_packets: int = 0
+    requeued_inflight: int = 0
 
 
 def _abort(writer: WriterAdapter | None) -> None:
@@ -139,6 +142,30 @@ class _ProtocolHandler(BrokerProtocolHandler):  # type: ignore[misc]
         if self.stats is not None:
             self.stats.keepalive_timeouts += 1
         _abort(self.writer)
+
+    async def _handle_qos1_message_flow(self, app_message: Any) -> None:
+        try:
+            await super()._handle_qos1_message_flow(app_message)
+        except BaseException:
+            self._requeue_if_unacknowledged(app_message)
+            raise
+
+    def _requeue_if_unacknowledged(self, app_message: Any) -> None:
+        # Defect 9 (amqtt #401): a QoS-1 message in flight when the link dies was dropped. For a
+        # persistent session it goes back to the offline queue and is delivered after reconnect.
+        session = self.session
+        if (
+            app_message.direction != OUTGOING
+            or app_message.puback_packet is not None
+            or session is None
+            or session.clean_session
+        ):
+            return
+        session.retained_messages.put_nowait(
+            RetainedApplicationMessage(None, app_message.topic, app_message.data, app_message.qos)
+        )
+        if self.stats is not None:
+            self.stats.requeued_inflight += 1
 
 
 @dataclass

@@ -121,6 +121,7 @@ class Reported(Message):
     progress: float | None = Field(default=None, ge=0, le=1)
     """Fraction of the current step done, 0..1."""
     detail: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
     ts: Timestamp
 
 

@@ -1,0 +1,210 @@
+"""Agent settings: a typed tree read from one YAML file, overridable by FLEET_AGENT_* variables.
+
+Nested fields use ``__`` in variable names (``FLEET_AGENT_TLS__CA=/etc/ca.pem``). Durations are
+seconds or strings like ``500ms``, ``30s``, ``5m``, ``1h``. Every problem becomes one
+``ConfigError`` line naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.backoff import BackoffPolicy
+from fleet.protocol.errors import ConfigError
+from fleet.protocol.ids import validate_node_id
+from fleet.protocol.messages import ProbeSpec
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a string like 30s, 5m")  # noqa: TRY004 - pydantic wants ValueError
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"{value!r} is not a duration (e.g. 500ms, 30s, 5m, 1h)")
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsFiles(Section):
+    ca: Path
+    cert: Path
+    key: Path
+
+
+class BackoffSettings(Section):
+    initial: PositiveDuration = 1.0
+    maximum: PositiveDuration = 60.0
+    jitter: Duration = 1.0
+
+    @model_validator(mode="after")
+    def _maximum_not_below_initial(self) -> BackoffSettings:
+        if self.maximum < self.initial:
+            raise ValueError("maximum must not be smaller than initial")
+        return self
+
+    def policy(self) -> BackoffPolicy:
+        return BackoffPolicy(self.initial, self.maximum, self.jitter)
+
+
+class HealthSettings(Section):
+    """Kubernetes-style liveness probe: exactly one of http, tcp, exec."""
+
+    http: str | None = None
+    tcp: str | None = None
+    exec: str | None = None
+    initial_delay: Duration = 0.0
+    period: PositiveDuration = 10.0
+    timeout: PositiveDuration = 1.0
+    failure_threshold: int = Field(default=3, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> HealthSettings:
+        if sum(kind is not None for kind in (self.http, self.tcp, self.exec)) != 1:
+            raise ValueError("set exactly one of http, tcp, exec")
+        return self
+
+    def spec(self) -> ProbeSpec:
+        kind, target = next((k, t) for k, t in (("http", self.http), ("tcp", self.tcp), ("exec", self.exec)) if t)
+        return ProbeSpec(
+            kind=kind,  # type: ignore[arg-type]
+            target=target,
+            initial_delay=self.initial_delay,
+            period=self.period,
+            timeout=self.timeout,
+            failure_threshold=self.failure_threshold,
+        )
+
+
+class WorkloadSettings(Section):
+    command: list[str] = Field(min_length=1)
+    cwd: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    restart_backoff: BackoffSettings = BackoffSettings(initial=1.0, maximum=300.0, jitter=0.5)
+    healthy_after: PositiveDuration = 30.0
+    health: HealthSettings | None = None
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True, case_sensitive=False
+    )
+
+    node_id: str
+    server_addr: str = Field(description="broker HOST:PORT ([v6]:PORT for IPv6)")
+    tls_enabled: bool = True
+    tls: TlsFiles | None = None
+    state_dir: Path
+    labels: dict[str, str] = Field(default_factory=dict)
+    heartbeat_interval: PositiveDuration = 30.0
+    keepalive: PositiveDuration = 30.0
+    connect_timeout: PositiveDuration = 10.0
+    reconnect: BackoffSettings = BackoffSettings()
+    workload: WorkloadSettings | None = None
+    controller_public_key: Path | None = Field(default=None, description="verify desired state and commands")
+    require_signed_commands: bool = False
+    outbox_limit: int = Field(default=10_000, ge=10)
+    command_retention: PositiveDuration = 7 * 86400.0
+    command_history_limit: int = Field(default=10_000, ge=100)
+    config_poll_interval: PositiveDuration = 2.0
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        validate_node_id(value)
+        return value
+
+    @field_validator("server_addr")
+    @classmethod
+    def _server_addr(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_files_when_enabled(self) -> AgentSettings:
+        if self.tls_enabled and self.tls is None:
+            raise ValueError("tls_enabled is true but tls: {ca, cert, key} is missing")
+        if self.require_signed_commands and self.controller_public_key is None:
+            raise ValueError("require_signed_commands needs controller_public_key")
+        return self
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.server_addr)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.server_addr)[1]
+
+    def digest(self) -> str:
+        """Digest of the effective settings, reported so operators can tell configurations apart."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: an operator's FLEET_AGENT_* override beats the file.
+        return env_settings, init_settings
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def load_settings(path: Path) -> AgentSettings:
+    """Read and validate the agent configuration; ConfigError names the file and the field."""
+    try:
+        raw: Any = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not path.exists():
+        raise ConfigError(f"{path}: not found")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    try:
+        return AgentSettings(**raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_first_problem(exc)}") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}"
