@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from agent import __version__, failpoints
+from agent import __version__, failpoints, sdnotify
 from agent.config import AgentSettings, load_settings, parse_duration
 from agent.files import write_atomically
 from agent.probes import HealthMonitor, HealthState
@@ -150,8 +150,12 @@ class Agent:
         }
         if self.supervisor is not None:
             jobs["workload"] = self.supervisor.run()
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            jobs["watchdog"] = sdnotify.feed_watchdog_forever(interval)
         tasks = [asyncio.create_task(job, name=f"agent-{name}") for name, job in jobs.items()]
         log.info("%s: agent %s started (state in %s)", self.node, __version__, self.settings.state_dir)
+        sdnotify.notify("READY=1")
         try:
             await self._until_stopped_or_failed(tasks)
         finally:
@@ -170,6 +174,7 @@ class Agent:
 
     async def _shutdown(self, tasks: list[asyncio.Task[None]]) -> None:
         log.info("%s: agent stopping", self.node)
+        sdnotify.notify("STOPPING=1")
         if self.supervisor is not None:
             await self.supervisor.stop()
         offline = encode(Status(state="offline", ts=time.time(), agent_version=__version__))

@@ -57,6 +57,7 @@ class MqttClient:
     clean_session: bool = True
     keepalive: int = 30
     will: tuple[str, bytes, int, bool] | None = None
+    manual_ack: bool = False  # never PUBACK: the broker must treat every QoS-1 delivery as in flight
     messages: queue.Queue[Received] = field(default_factory=queue.Queue)
     connack: queue.Queue[int] = field(default_factory=queue.Queue)
     disconnected: threading.Event = field(default_factory=threading.Event)
@@ -69,6 +70,7 @@ class MqttClient:
             client_id=self.client_id,
             clean_session=self.clean_session,
             protocol=mqtt.MQTTv311,
+            manual_ack=self.manual_ack,
         )
         context = ssl.create_default_context(cafile=str(self.creds.ca))
         if self.creds.cert is not None and self.creds.key is not None:

@@ -166,6 +166,21 @@ def test_offline_qos1_queue_across_reconnect(broker: Endpoint, pki: Pki, first_c
         device.close()
 
 
+def test_defect_9_unacknowledged_qos1_message_is_redelivered_after_reconnect(broker: Endpoint, pki: Pki) -> None:
+    """amqtt #401: a QoS-1 delivery in flight when the link died was lost for good."""
+    device = persistent_device(broker, pki, "gw-a", manual_ack=True).connect()
+    device.subscribe(cmd("gw-a"))
+    with connected(broker, pki.controller()) as controller:
+        controller.publish(cmd("gw-a"), b"in flight")
+        assert device.expect(on(cmd("gw-a"))).payload == b"in flight"
+        device.cut()  # no PUBACK was ever sent
+    device = persistent_device(broker, pki, "gw-a").connect()
+    try:
+        assert device.expect(on(cmd("gw-a"))).payload == b"in flight"
+    finally:
+        device.close()
+
+
 def test_last_will_on_a_cut_connection(broker: Endpoint, pki: Pki) -> None:
     status = node_topic("gw-a", Channel.STATUS)
     with connected(broker, pki.controller()) as controller:
