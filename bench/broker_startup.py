@@ -28,10 +28,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from broker.embedded import BrokerSettings, Listener  # noqa: E402
-from broker.render import default_options, render  # noqa: E402
-from certs import PkiPaths, init_pki, issue_device  # noqa: E402
-from fleet.protocol.topics import Channel, node_topic  # noqa: E402
+from broker.embedded import BrokerSettings, Listener
+from broker.render import default_options, render
+from certs import PkiPaths, init_pki, issue_device
+from fleet.protocol.topics import Channel, node_topic
 
 DEADLINE = 60.0
 
@@ -59,7 +59,10 @@ def wait_tls_ready(port: int, pki: PkiPaths, process: subprocess.Popen[bytes]) -
         if process.poll() is not None:
             raise RuntimeError(f"broker exited with {process.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), 1) as raw, context.wrap_socket(raw, server_hostname="localhost"):
+            with (
+                socket.create_connection(("127.0.0.1", port), 1) as raw,
+                context.wrap_socket(raw, server_hostname="localhost"),
+            ):
                 return
         except OSError:
             time.sleep(0.005)
