@@ -86,6 +86,9 @@ class ReleaseRef(Message):
     chunk_digests: list[Digest] | None = None
     chunk_digest_ref: str | None = Field(default=None, min_length=1)
     delta_bases: list[Digest] = Field(default_factory=list)
+    # The signed release manifest (fleet.releases): the agent verifies it with the release key and
+    # takes entry point and health probe from it. Optional only for config-only desired states.
+    manifest: dict[str, Any] | None = None
 
 
 class ProbeSpec(Message):
@@ -202,11 +205,16 @@ class ArtifactChunk(Message):
 
     model_config = ConfigDict(ser_json_bytes="base64")
 
-    digest: Digest
+    digest: Digest  # the payload this artifact decodes to
     index: Count
     data: bytes = Field(max_length=MAX_CHUNK_SIZE)
-    total: Count | None = None
+    total: Count | None = None  # number of chunks of the artifact
     eof: bool = False
+    base: Digest | None = None  # the artifact is a delta from this payload; None: full artifact
+    size: Count | None = None  # artifact size in bytes
+    artifact: Digest | None = None  # sha256 of the whole artifact
+    sha256: Digest | None = None  # sha256 of this chunk's data
+    error: str | None = Field(default=None, max_length=512)  # the server cannot serve the request
 
     @field_validator("data", mode="before")
     @classmethod
