@@ -104,6 +104,14 @@ class WorkloadSettings(Section):
     health: HealthSettings | None = None
 
 
+class UpdateSettings(Section):
+    window: int = Field(default=8, ge=1, le=256, description="chunks requested at once (flow control)")
+    request_timeout: PositiveDuration = 15.0
+    max_failures: int = Field(default=5, ge=1, description="failed downloads of one release before giving up")
+    no_probe_window: PositiveDuration = 10.0  # without a health probe, the workload must stay up this long
+    health_grace: Duration = 2.0  # added to initial_delay + failure_threshold * period
+
+
 ENV_PREFIX = "FLEET_AGENT_"
 
 
@@ -122,6 +130,8 @@ class AgentSettings(BaseModel):
     reconnect: BackoffSettings = BackoffSettings()
     workload: WorkloadSettings | None = None
     controller_public_key: Path | None = Field(default=None, description="verify desired state and commands")
+    release_public_key: Path | None = Field(default=None, description="releases must be signed by this key")
+    update: UpdateSettings = UpdateSettings()
     require_signed_commands: bool = False
     outbox_limit: int = Field(default=10_000, ge=10)
     command_retention: PositiveDuration = 7 * 86400.0

@@ -23,11 +23,13 @@ from typing import Any
 import psutil
 
 from agent import __version__, failpoints, sdnotify
+from agent.backoff import BackoffPolicy
 from agent.config import AgentSettings, load_settings, parse_duration
 from agent.files import write_atomically
 from agent.probes import HealthMonitor, HealthState
 from agent.store import CommandStatus, OutboxKind, Store
 from agent.transport import Inbound, Transport, Will
+from agent.updater import Hooks, Release, UpdateFailed, Updater
 from agent.workload import Supervisor, WorkloadEvent
 from fleet.protocol.codec import decode_raw, encode, encode_document, validate
 from fleet.protocol.errors import ConfigError, FleetError, InvalidMessage, Rejected, TransportError
@@ -116,10 +118,28 @@ class Agent:
             on_message=self._on_inbound,
             on_connected=self._on_connected,
         )
-        self.supervisor = self._new_supervisor(settings)
         self.health = HealthMonitor(
             self.node, self.runtime.probe, on_change=self._health_changed, on_result=self._health_probed
         )
+        self.updater = Updater(
+            settings,
+            self.store,
+            self.transport,
+            self.health,
+            Hooks(
+                report=self._publish_reported,
+                event=self._event,
+                run_release=self._run_release,
+                workload_exits=lambda: self._workload_exits,
+            ),
+        )
+        self._workload_exits = 0
+        self._last_state = UpdateState.IDLE
+        self._tasks: list[asyncio.Task[None]] = []
+        running = self.updater.current()
+        self.supervisor = self._new_supervisor(running)
+        if running is not None:
+            self._apply_release_probe(running)
         self._controller_key = self._load_controller_key(settings)
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
         self._outbox_wake = asyncio.Event()
@@ -147,19 +167,22 @@ class Agent:
             "commands": self._execute_commands_forever(),
             "config-watch": self._watch_config_forever(),
             "health": self.health.run(),
+            "updates": self.updater.run(),
         }
         if self.supervisor is not None:
             jobs["workload"] = self.supervisor.run()
         interval = sdnotify.watchdog_interval()
         if interval is not None:
             jobs["watchdog"] = sdnotify.feed_watchdog_forever(interval)
-        tasks = [asyncio.create_task(job, name=f"agent-{name}") for name, job in jobs.items()]
+        if self.desired is not None:
+            self.updater.set_target(self.desired.release, self.desired.generation)
+        self._tasks = [asyncio.create_task(job, name=f"agent-{name}") for name, job in jobs.items()]
         log.info("%s: agent %s started (state in %s)", self.node, __version__, self.settings.state_dir)
         sdnotify.notify("READY=1")
         try:
-            await self._until_stopped_or_failed(tasks)
+            await self._until_stopped_or_failed(self._tasks)
         finally:
-            await self._shutdown(tasks)
+            await self._shutdown(self._tasks)
 
     def stop(self) -> None:
         self._stop.set()
@@ -209,20 +232,61 @@ class Agent:
             return
         self.store.put(WORKLOAD_KEY, json.dumps([pid, created]).encode())
 
-    def _new_supervisor(self, settings: AgentSettings) -> Supervisor | None:
-        workload = settings.workload
-        if workload is None:
+    def _workload_spec(self, release: Release | None) -> tuple[list[str], Path | None] | None:
+        """The command to supervise: the installed release's entry point, else the configured one."""
+        if release is not None and release.entry:
+            program = release.directory / release.entry[0]
+            entry = [
+                str(program) if not Path(release.entry[0]).is_absolute() and program.exists() else release.entry[0]
+            ]
+            return entry + release.entry[1:], release.directory
+        workload = self.settings.workload
+        return None if workload is None else (list(workload.command), workload.cwd)
+
+    def _new_supervisor(self, release: Release | None) -> Supervisor | None:
+        spec = self._workload_spec(release)
+        if spec is None:
             return None
+        command, cwd = spec
+        workload = self.settings.workload
+        env = dict(workload.env) if workload is not None else {}
         return Supervisor(
             self.node,
-            workload.command,
-            cwd=workload.cwd,
-            env={**os.environ, **workload.env, "FLEET_CONFIG": str(self._config_json_path())},
-            backoff=workload.restart_backoff.policy(),
-            healthy_after=workload.healthy_after,
-            log_file=settings.state_dir / "workload.log",
+            command,
+            cwd=cwd,
+            env={**os.environ, **env, "FLEET_CONFIG": str(self._config_json_path())},
+            backoff=workload.restart_backoff.policy() if workload is not None else BackoffPolicy(1.0, 300.0, 0.5),
+            healthy_after=workload.healthy_after if workload is not None else 30.0,
+            log_file=self.settings.state_dir / "workload.log",
             on_event=self._workload_event,
         )
+
+    def _run_release(self, release: Release | None) -> None:
+        """Switch the supervised workload to ``release`` (the updater just made it current)."""
+        spec = self._workload_spec(release)
+        if spec is None:
+            return
+        self._apply_release_probe(release)
+        if self.supervisor is None:
+            self.supervisor = self._new_supervisor(release)
+            assert self.supervisor is not None
+            self._tasks.append(asyncio.create_task(self.supervisor.run(), name="agent-workload"))
+            return
+        command, cwd = spec
+        self.supervisor.set_command(command, cwd=cwd)
+        self._tasks.append(asyncio.create_task(self._restart_workload(), name="agent-workload-restart"))
+
+    async def _restart_workload(self) -> None:
+        assert self.supervisor is not None
+        await self.supervisor.restart()
+
+    def _apply_release_probe(self, release: Release | None) -> None:
+        """Probe precedence: desired state's health spec, then the release's, then the local file's."""
+        desired_probe = self.desired.health if self.desired is not None else None
+        probe = desired_probe or (release.health if release is not None else None) or self.runtime.probe
+        self.runtime.probe = probe
+        self.health.set_spec(probe)
+        self.health.reset()
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -253,6 +317,9 @@ class Agent:
             self._handle_desired(inbound)
         elif channel is Channel.CMD:
             self._handle_command(inbound)
+        elif channel is Channel.ARTIFACT_CHUNK:
+            self.updater.on_chunk(inbound)
+            self.transport.ack(inbound)
         else:
             self._refuse_message(inbound, f"{channel} is not handled by this agent version")
 
@@ -299,6 +366,7 @@ class Agent:
         log.info("%s: applying desired generation %d", self.node, desired.generation)
         self._apply_runtime(runtime_from(self.settings, desired))
         self._publish_reported()
+        self.updater.set_target(desired.release, desired.generation)
 
     def _apply_runtime(self, runtime: Runtime) -> None:
         old = self.runtime
@@ -313,7 +381,12 @@ class Agent:
     def _config_json_path(self) -> Path:
         return self.settings.state_dir / "config.json"
 
-    def _publish_reported(self, state: UpdateState = UpdateState.IDLE, detail: str | None = None) -> None:
+    def _publish_reported(
+        self, state: UpdateState | None = None, detail: str | None = None, progress: float | None = None
+    ) -> None:
+        if state is None:
+            state = self._last_state
+        self._last_state = state
         reported = Reported(
             generation=self.desired.generation if self.desired is not None else 0,
             version=self._stored_text("version"),
@@ -321,6 +394,7 @@ class Agent:
             state=state,
             config_digest=self.runtime.digest(),
             detail=detail,
+            progress=progress,
             labels=self.runtime.labels,
             ts=time.time(),
         )
@@ -414,7 +488,7 @@ class Agent:
         log.info("%s: executing command %s (%s)", self.node, command.id, command.action)
         try:
             detail = await self._actions()[command.action](command)
-        except (Rejected, CommandFailed, ConfigError) as exc:
+        except (Rejected, CommandFailed, ConfigError, UpdateFailed) as exc:
             self.store.set_command_status(command.id, CommandStatus.FAILED, str(exc))
             self._ack(command.id, AckStatus.FAILED, str(exc))
             return
@@ -440,10 +514,11 @@ class Agent:
         return self._reload_local_config()
 
     async def _do_rollback(self, _command: Command) -> str:
-        previous = self._stored_text("previous_version")
-        if previous is None:
-            raise CommandFailed("no previous release")
-        raise CommandFailed(f"rollback to {previous} needs the update engine, which this agent lacks")
+        leaving = self.updater.current()
+        result = self.updater.rollback("rollback command")
+        if leaving is not None:
+            self.updater.mark_left_behind(leaving.digest)
+        return result
 
     def _ack(self, command_id: str, status: AckStatus, detail: str | None) -> None:
         self._enqueue(Channel.ACK, Ack(id=command_id, status=status, detail=detail, ts=time.time()), OutboxKind.ACK)
@@ -550,6 +625,8 @@ class Agent:
             "restarts": event.restarts,
         }
         self._event(f"workload_{event.kind}", event.detail, {k: v for k, v in data.items() if v is not None})
+        if event.kind == "exited":
+            self._workload_exits += 1
         if event.kind == "started":
             self.health.reset()
             if event.pid is not None:

@@ -1,4 +1,4 @@
-"""Crash points for tests: ``FLEET_AGENT_FAILPOINTS=command.received`` makes the agent kill -9 itself there.
+"""Crash points for tests: ``FLEET_FAILPOINTS=command.received`` makes the agent kill -9 itself there.
 
 Crash safety is proven by crashing at exact lines, which a test cannot time from outside. Unset
 (always, in production) a failpoint costs one set lookup.
@@ -12,7 +12,7 @@ import signal
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = frozenset(name for name in os.environ.get("FLEET_AGENT_FAILPOINTS", "").split(",") if name)
+_ACTIVE = frozenset(name for name in os.environ.get("FLEET_FAILPOINTS", "").split(",") if name)
 
 
 def hit(name: str) -> None:

@@ -29,6 +29,14 @@ CREATE TABLE IF NOT EXISTS commands (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS commands_received ON commands (received_at);
+CREATE TABLE IF NOT EXISTS downloads (
+    target TEXT PRIMARY KEY,
+    base TEXT,
+    artifact TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    total INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chunks (target TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (target, idx));
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
@@ -63,6 +71,15 @@ class OutboxItem:
     payload: bytes
     qos: int
     retain: bool
+
+
+@dataclass(frozen=True)
+class Download:
+    target: str  # payload digest the artifact decodes to
+    base: str | None  # delta base payload digest; None for a full artifact
+    artifact: str  # sha256 of the whole artifact
+    size: int
+    total: int  # number of chunks
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,43 @@ class Store:
                 (*done, keep_at_most),
             ).rowcount
         return int(removed)
+
+    # ---- downloads: which verified chunks of which artifact are on disk ----------------------
+
+    def download(self, target: str) -> Download | None:
+        row = self._db.execute(
+            "SELECT target, base, artifact, size, total FROM downloads WHERE target = ?", (target,)
+        ).fetchone()
+        return None if row is None else Download(str(row[0]), row[1], str(row[2]), int(row[3]), int(row[4]))
+
+    def start_download(self, download: Download) -> None:
+        """Record which artifact is being fetched for ``target``; a different one starts over."""
+        with self._transaction():
+            self._db.execute("DELETE FROM chunks WHERE target = ?", (download.target,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO downloads (target, base, artifact, size, total) VALUES (?, ?, ?, ?, ?)",
+                (download.target, download.base, download.artifact, download.size, download.total),
+            )
+
+    def chunk_stored(self, target: str, index: int) -> None:
+        self._db.execute("INSERT OR IGNORE INTO chunks (target, idx) VALUES (?, ?)", (target, index))
+
+    def stored_chunks(self, target: str) -> set[int]:
+        return {int(row[0]) for row in self._db.execute("SELECT idx FROM chunks WHERE target = ?", (target,))}
+
+    def forget_download(self, target: str) -> None:
+        with self._transaction():
+            self._db.execute("DELETE FROM chunks WHERE target = ?", (target,))
+            self._db.execute("DELETE FROM downloads WHERE target = ?", (target,))
+
+    def put_many(self, values: dict[str, bytes | None]) -> None:
+        """Set (or delete, for None) several keys in one transaction."""
+        with self._transaction():
+            for key, value in values.items():
+                if value is None:
+                    self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+                else:
+                    self.put(key, value)
 
     # ---- outbox ----------------------------------------------------------------------------
 

@@ -65,9 +65,9 @@ class AgentProcess:
         self.write_config()
         env = {**os.environ, **self.env}
         if failpoints:
-            env["FLEET_AGENT_FAILPOINTS"] = failpoints
+            env["FLEET_FAILPOINTS"] = failpoints
         else:
-            env.pop("FLEET_AGENT_FAILPOINTS", None)
+            env.pop("FLEET_FAILPOINTS", None)
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
