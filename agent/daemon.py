@@ -243,41 +243,45 @@ class Agent:
         workload = self.settings.workload
         return None if workload is None else (list(workload.command), workload.cwd)
 
+    def _workload_env(self) -> dict[str, str]:
+        workload = self.settings.workload
+        extra = dict(workload.env) if workload is not None else {}
+        return {**os.environ, **extra, "FLEET_CONFIG": str(self._config_json_path())}
+
     def _new_supervisor(self, release: Release | None) -> Supervisor | None:
         spec = self._workload_spec(release)
         if spec is None:
             return None
         command, cwd = spec
         workload = self.settings.workload
-        env = dict(workload.env) if workload is not None else {}
         return Supervisor(
             self.node,
             command,
             cwd=cwd,
-            env={**os.environ, **env, "FLEET_CONFIG": str(self._config_json_path())},
+            env=self._workload_env(),
             backoff=workload.restart_backoff.policy() if workload is not None else BackoffPolicy(1.0, 300.0, 0.5),
             healthy_after=workload.healthy_after if workload is not None else 30.0,
             log_file=self.settings.state_dir / "workload.log",
             on_event=self._workload_event,
         )
 
-    def _run_release(self, release: Release | None) -> None:
-        """Switch the supervised workload to ``release`` (the updater just made it current)."""
+    async def _run_release(self, release: Release | None) -> None:
+        """Switch the supervised workload to ``release`` (None: the configured one); returns once
+        the new process is started."""
         spec = self._workload_spec(release)
-        if spec is None:
-            return
         self._apply_release_probe(release)
+        if spec is None:
+            if self.supervisor is not None:
+                await self.supervisor.stop()
+                self.supervisor = None
+            return
         if self.supervisor is None:
             self.supervisor = self._new_supervisor(release)
             assert self.supervisor is not None
             self._tasks.append(asyncio.create_task(self.supervisor.run(), name="agent-workload"))
             return
         command, cwd = spec
-        self.supervisor.set_command(command, cwd=cwd)
-        self._tasks.append(asyncio.create_task(self._restart_workload(), name="agent-workload-restart"))
-
-    async def _restart_workload(self) -> None:
-        assert self.supervisor is not None
+        self.supervisor.set_command(command, cwd=cwd, env=self._workload_env())
         await self.supervisor.restart()
 
     def _apply_release_probe(self, release: Release | None) -> None:
@@ -515,7 +519,7 @@ class Agent:
 
     async def _do_rollback(self, _command: Command) -> str:
         leaving = self.updater.current()
-        result = self.updater.rollback("rollback command")
+        result = await self.updater.rollback("rollback command")
         if leaving is not None:
             self.updater.mark_left_behind(leaving.digest)
         return result

@@ -9,8 +9,10 @@ every successful connection. Inbound QoS-1 messages are acknowledged only when t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -186,6 +188,13 @@ class Transport:
         def on_publish(_c: mqtt.Client, _u: object, mid: int, _r: object, _p: object) -> None:
             loop.call_soon_threadsafe(self._published, mid)
 
+        def on_socket_open(_c: mqtt.Client, _u: object, sock: object) -> None:
+            # paho leaves Nagle on: small windows of chunks then wait for delayed ACKs (85 vs 1,158
+            # chunks/s measured through Mosquitto).
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+
+        client.on_socket_open = on_socket_open
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
         client.on_message = on_message

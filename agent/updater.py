@@ -26,11 +26,12 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent import failpoints
 from agent.config import AgentSettings
 from agent.files import write_atomically
 from agent.probes import HealthMonitor
@@ -70,7 +71,7 @@ class Hooks:
 
     report: Callable[[UpdateState, str | None, float | None], None]
     event: Callable[[str, str | None, dict[str, Any]], None]
-    run_release: Callable[[Release | None], Any]  # switch the workload to this release (None: config's)
+    run_release: Callable[[Release | None], Awaitable[None]]  # switch the workload (None: the configured one)
     workload_exits: Callable[[], int]  # monotonically growing count of workload exits
 
 
@@ -166,7 +167,7 @@ class Updater:
                 self._save_phase("installing", target, generation)
                 self.hooks.report(UpdateState.INSTALLING, f"installing {target.version}", None)
                 release = self._install(target, manifest, payload)
-            self._switch_to(release, generation)
+            await self._switch_to(release, generation)
             await self._health_gate(release, generation)
         except UpdateFailed as exc:
             self._give_up(target, generation, str(exc))
@@ -303,6 +304,7 @@ class Updater:
             return
         self._write_chunk(chunk, downloading.chunk_size)
         self.store.chunk_stored(chunk.digest, chunk.index)
+        failpoints.hit("update.chunk_stored")
         self._maybe_report_progress(chunk.digest, chunk.total)
 
     def _write_chunk(self, chunk: ArtifactChunk, chunk_size: int) -> None:
@@ -361,6 +363,7 @@ class Updater:
         write_atomically(staging / ".fleet" / "payload.tar", payload, mode=0o600)
         write_atomically(staging / ".fleet" / "manifest.json", json.dumps(manifest, sort_keys=True).encode())
         _fsync_tree(staging)
+        failpoints.hit("update.unpacked")
         if final.exists():
             shutil.rmtree(final)  # a different build under the same version (never the running one)
         os.rename(staging, final)
@@ -371,7 +374,7 @@ class Updater:
         self._part_path(target.digest).unlink(missing_ok=True)
         return release
 
-    def _switch_to(self, release: Release, generation: int) -> None:
+    async def _switch_to(self, release: Release, generation: int) -> None:
         current = self.current()
         link = self.root / "current"
         temp = self.root / ".current.new"
@@ -379,6 +382,7 @@ class Updater:
         os.symlink(Path("releases") / release.version, temp)
         os.replace(temp, link)  # the one atomic step: before it the old release runs, after it the new
         _fsync_dir(self.root)
+        failpoints.hit("update.link_switched")
         values: dict[str, bytes | None] = {VERSION: release.version.encode(), DIGEST: release.digest.encode()}
         if current is not None and current.version != release.version:
             values |= {PREVIOUS_VERSION: current.version.encode(), PREVIOUS_DIGEST: current.digest.encode()}
@@ -388,7 +392,7 @@ class Updater:
         self.store.put_many(values)
         log.info("%s: switched to release %s", self.node, release.version)
         self.hooks.event("release_switched", None, {"version": release.version})
-        self.hooks.run_release(release)
+        await self.hooks.run_release(release)
 
     async def _health_gate(self, release: Release, generation: int) -> None:
         healthy, reason = await self._watch_health(release)
@@ -400,7 +404,7 @@ class Updater:
             return
         failed = {"digest": release.digest, "generation": generation}
         self.store.put(FAILED_KEY, json.dumps(failed).encode())
-        self.rollback(f"{release.version} failed its health check: {reason}")
+        await self.rollback(f"{release.version} failed its health check: {reason}")
 
     async def _watch_health(self, release: Release) -> tuple[bool, str]:
         spec = self.health.spec
@@ -410,6 +414,7 @@ class Updater:
         else:
             window = spec.initial_delay + spec.failure_threshold * max(spec.period, spec.timeout) + update.health_grace
         exits_before = self.hooks.workload_exits()
+        failpoints.hit("update.health_window")
         self.hooks.report(UpdateState.VERIFYING, f"health window {window:.0f}s for {release.version}", None)
         deadline = time.monotonic() + window
         while time.monotonic() < deadline:
@@ -425,32 +430,36 @@ class Updater:
             return False, "the workload exited"
         return True, ""
 
-    def rollback(self, reason: str) -> str:
-        """Switch back to the previous release (or the configured workload); report rolled_back."""
+    async def rollback(self, reason: str) -> str:
+        """Switch back to the previous release, or to the configured workload when the failed one
+        was the first release; report rolled_back."""
         previous = self.previous()
         current = self.current()
-        if previous is None or current is None:
+        if current is None:
             raise UpdateFailed("no previous release")
         link = self.root / "current"
-        temp = self.root / ".current.new"
-        temp.unlink(missing_ok=True)
-        os.symlink(Path("releases") / previous.version, temp)
-        os.replace(temp, link)
+        values: dict[str, bytes | None] = {
+            UPDATE_KEY: None,
+            PREVIOUS_VERSION: current.version.encode(),
+            PREVIOUS_DIGEST: current.digest.encode(),
+        }
+        if previous is None:
+            link.unlink(missing_ok=True)
+            values |= {VERSION: None, DIGEST: None}
+        else:
+            temp = self.root / ".current.new"
+            temp.unlink(missing_ok=True)
+            os.symlink(Path("releases") / previous.version, temp)
+            os.replace(temp, link)
+            values |= {VERSION: previous.version.encode(), DIGEST: previous.digest.encode()}
         _fsync_dir(self.root)
-        self.store.put_many(
-            {
-                VERSION: previous.version.encode(),
-                DIGEST: previous.digest.encode(),
-                PREVIOUS_VERSION: current.version.encode(),
-                PREVIOUS_DIGEST: current.digest.encode(),
-                UPDATE_KEY: None,
-            }
-        )
-        log.warning("%s: rolled back from %s to %s: %s", self.node, current.version, previous.version, reason)
-        self.hooks.run_release(previous)
-        self.hooks.event("rolled_back", reason, {"from": current.version, "to": previous.version})
+        self.store.put_many(values)
+        back_to = previous.version if previous is not None else "the configured workload"
+        log.warning("%s: rolled back from %s to %s: %s", self.node, current.version, back_to, reason)
+        await self.hooks.run_release(previous)
+        self.hooks.event("rolled_back", reason, {"from": current.version, "to": back_to})
         self.hooks.report(UpdateState.ROLLED_BACK, reason, None)
-        return f"rolled back from {current.version} to {previous.version}"
+        return f"rolled back from {current.version} to {back_to}"
 
     def mark_left_behind(self, digest: str) -> None:
         """An operator's rollback: do not converge back to what was left for this generation."""

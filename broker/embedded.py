@@ -440,9 +440,17 @@ class FleetBroker(Broker):  # type: ignore[misc]
             )
             await handler.start()
             # Defect 4: only this session's own queue is delivered on connect; retained messages
-            # go out on SUBSCRIBE, per filter and ACL-checked.
-            await self._publish_session_retained_messages(client_session)
-            await self._client_message_loop(client_session, handler)
+            # go out on SUBSCRIBE, per filter and ACL-checked. The queue is delivered beside the
+            # message loop, so a client that drops mid-delivery is noticed (and the undelivered
+            # rest stays queued for its next connection).
+            delivery = asyncio.create_task(
+                self._publish_session_retained_messages(client_session), name=f"broker-queue-{client_id}"
+            )
+            try:
+                await self._client_message_loop(client_session, handler)
+            finally:
+                delivery.cancel()
+                await asyncio.gather(delivery, return_exceptions=True)
         finally:
             if self._live.get(client_id) is live:
                 del self._live[client_id]
@@ -450,10 +458,13 @@ class FleetBroker(Broker):  # type: ignore[misc]
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         handler = self._get_handler(session)
-        if handler is None:
-            return
-        while not session.retained_messages.empty():
-            queued = session.retained_messages.get_nowait()
+        queue = session.retained_messages
+        # Only what was queued before this connection: a message that fails and is requeued
+        # waits for the next connection instead of being retried in a tight loop.
+        for _ in range(queue.qsize()):
+            if handler is None or queue.empty():
+                return
+            queued = queue.get_nowait()
             # Queued messages were not retained publishes: deliver them with retain=0, in order.
             await handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
 
@@ -465,9 +476,16 @@ class FleetBroker(Broker):  # type: ignore[misc]
         handler = self._get_handler(session)
         if identity is None or handler is None:
             return
-        for topic, retained in list(self._retained_messages.items()):
-            if self._matches(topic, topic_filter) and policy.may_receive(identity, topic):
-                await handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+        sends = [
+            handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)
+            for topic, retained in list(self._retained_messages.items())
+            if self._matches(topic, topic_filter) and policy.may_receive(identity, topic)
+        ]
+        # Concurrently, as amqtt does: an operator subscribing to a whole fleet gets thousands.
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("%s: %d retained messages not delivered: %r", identity.name, len(failed), failed[0])
 
     async def _retain_broadcast_message(self, broadcast: dict[str, Any], qos: int, target_session: Session) -> None:
         queue = target_session.retained_messages

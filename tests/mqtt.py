@@ -135,7 +135,9 @@ class MqttClient:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"no matching message within {timeout}s; saw {[m.topic for m in self.seen]}")
+                raise AssertionError(
+                    f"no matching message within {timeout}s; last seen {[m.topic for m in self.seen[-15:]]}"
+                )
             try:
                 message = self.messages.get(timeout=remaining)
             except queue.Empty:

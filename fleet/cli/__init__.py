@@ -28,10 +28,11 @@ def _register_subcommands() -> None:
     if _registered:
         return
     _registered = True
-    from fleet.cli import broker_cmd, certs_cmd, release_cmd
+    from fleet.cli import broker_cmd, certs_cmd, release_cmd, serve_cmd
 
     app.add_typer(certs_cmd.app, name="certs")
     app.command("broker")(broker_cmd.broker)
+    release_cmd.app.command("serve")(serve_cmd.serve)
     app.add_typer(release_cmd.app, name="release")
 
 

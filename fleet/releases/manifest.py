@@ -7,6 +7,7 @@ it is checked on the raw map *before* the model sees it (see ``fleet.protocol.si
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -66,8 +67,9 @@ class ReleaseManifest(BaseModel):
         """``name@version``, the spelling the CLI takes."""
         return f"{self.name}@{self.version}"
 
-    def ref(self) -> ReleaseRef:
-        """What a desired-state document carries to fetch and verify this release."""
+    def ref(self, delta_bases: Sequence[str] = ()) -> ReleaseRef:
+        """What a desired-state document carries to fetch and verify this release (the signed
+        manifest travels along: the agent checks it with the release key)."""
         return ReleaseRef(
             name=self.name,
             version=self.version,
@@ -75,6 +77,8 @@ class ReleaseManifest(BaseModel):
             size=self.size,
             chunk_size=self.chunk_size,
             chunk_digests=list(self.chunk_digests),
+            delta_bases=list(delta_bases),
+            manifest=self.document(),
         )
 
     def document(self) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Tests of the fleet side: release server and its MQTT transport."""
