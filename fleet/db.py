@@ -1,0 +1,63 @@
+"""The controller's SQLite database: one file, WAL, one connection shared under a lock.
+
+Each module that persists something owns its tables and registers their schema here with
+``Database.migrate``. Rollout transitions use ``transaction()`` (committed and fsynced before
+anything is published); telemetry is written in batches so heartbeat ingest is not bound by fsync.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fleet.protocol.errors import ConfigError
+
+
+class Database:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            if self.path != Path(":memory:"):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed rollout transition survives power loss, not only a process crash.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"{self.path}: cannot open the database: {exc}") from exc
+        self.lock = threading.RLock()
+
+    def migrate(self, schema: str) -> None:
+        """Create a module's tables (idempotent: CREATE ... IF NOT EXISTS)."""
+        with self.lock:
+            self._db.executescript(schema)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT under the lock; ROLLBACK on any exception."""
+        with self.lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement in its own implicit transaction (autocommit)."""
+        with self.lock:
+            return self._db.execute(sql, params)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self.lock:
+            return list(self._db.execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        with self.lock:
+            self._db.close()
