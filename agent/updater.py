@@ -220,6 +220,7 @@ class Updater:
         base = self._delta_base(target)
         for attempt in range(1, self.settings.update.max_failures + 1):
             await self._download(target, base)
+            failpoints.hit("update.downloaded")
             try:
                 return self._decode_artifact(target)
             except InvalidMessage as exc:

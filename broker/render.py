@@ -11,8 +11,6 @@ have because certs/ keeps one namespace for all identity names.
 from __future__ import annotations
 
 import getpass
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 from broker.embedded import BrokerSettings, Listener
 from broker.policy import OWN_ID, Access, Rule, rules_for
 from certs import Role, list_identities
+from certs.files import PendingFile, write_files
 
 MOSQUITTO_OWN_ID = "%u"
 EMQX_OWN_ID = "${username}"
@@ -179,21 +178,6 @@ authorization {{
 """
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def render(kind: str, settings: BrokerSettings, out_dir: Path, options: RenderOptions) -> list[Path]:
     """Write the configuration for ``kind`` ("mosquitto" or "emqx") into out_dir; return the files."""
     if kind == "mosquitto":
@@ -203,11 +187,9 @@ def render(kind: str, settings: BrokerSettings, out_dir: Path, options: RenderOp
         files = {"emqx.conf": emqx_conf(settings, options), "acl.conf": emqx_acl(settings)}
     else:
         raise ValueError(f"unknown broker kind {kind!r}")
-    written = []
-    for name, text in files.items():
-        write_atomically(out_dir / name, text)
-        written.append(out_dir / name)
-    return written
+    pending = [PendingFile(out_dir / name, text.encode()) for name, text in files.items()]
+    write_files(pending)  # all or nothing: a config never references an ACL file from another render
+    return [file.path for file in pending]
 
 
 __all__ = [

@@ -296,7 +296,7 @@ def test_download_survives_a_link_cut_every_few_chunks(
 
 @pytest.mark.parametrize(
     "failpoint",
-    ["update.chunk_stored", "update.unpacked", "update.link_switched", "update.health_window"],
+    ["update.chunk_stored", "update.downloaded", "update.unpacked", "update.link_switched", "update.health_window"],
 )
 def test_kill9_at_every_step_ends_on_one_consistent_release(
     embedded: Endpoint,
