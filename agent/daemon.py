@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import string
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -288,6 +289,10 @@ class Agent:
         """Probe precedence: desired state's health spec, then the release's, then the local file's."""
         desired_probe = self.desired.health if self.desired is not None else None
         probe = desired_probe or (release.health if release is not None else None) or self.runtime.probe
+        if probe is not None and "$" in probe.target:
+            # One release serves many devices: ${APP_PORT} etc. come from this device's workload env.
+            target = string.Template(probe.target).safe_substitute(self._workload_env())
+            probe = probe.model_copy(update={"target": target})
         self.runtime.probe = probe
         self.health.set_spec(probe)
         self.health.reset()
