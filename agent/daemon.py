@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 OUTBOX_WINDOW = 20
 DESIRED_KEY = "desired"
+# Arguments each action accepts; a rollout's rollback names what it undoes (for the record only).
+ACTION_ARGS: dict[str, frozenset[str]] = {"rollback": frozenset({"release", "from", "to", "reason", "rollout"})}
 WORKLOAD_KEY = "workload_process"  # [pid, create_time] of the running workload, for orphan reaping
 
 
@@ -457,8 +459,9 @@ class Agent:
             return AckStatus.EXPIRED, f"expired at {command.expires_at:.0f}"
         if command.action not in self._actions():
             return AckStatus.REJECTED, f"unknown action {command.action!r}; known: {', '.join(sorted(self._actions()))}"
-        if command.args:
-            return AckStatus.REJECTED, f"{command.action} takes no arguments, got {', '.join(sorted(command.args))}"
+        unexpected = set(command.args) - ACTION_ARGS.get(command.action, frozenset())
+        if unexpected:
+            return AckStatus.REJECTED, f"{command.action} does not take {', '.join(sorted(unexpected))}"
         return None
 
     def _actions(self) -> dict[str, Callable[[Command], Awaitable[str | None]]]:

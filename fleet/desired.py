@@ -1,0 +1,196 @@
+"""Desired state per node: one full document with a monotonic generation, persisted, then published retained.
+
+The agent converges to the newest generation it has seen and ignores lower ones (replay
+protection), so the generation must only grow: the next one is one past the highest we published
+or the agent reported (after a lost controller database the agent's reported generation is the
+only memory left). The document is committed before it is published, and publishing happens under
+this publisher's lock so two documents for one node can never reach the broker out of order (a
+lower generation would otherwise end up as the retained message).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fleet.db import Database
+from fleet.facade import NotFound
+from fleet.protocol.codec import decode_raw, encode, validate
+from fleet.protocol.errors import InvalidMessage
+from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef
+from fleet.protocol.topics import Channel, node_topic
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS desired_state (
+    node TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    document BLOB NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS desired_observed (
+    node TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL
+);
+"""
+
+Publish = Callable[[str, bytes, int, bool], object]
+"""``(topic, payload, qos, retain)``; ``FleetMqtt.publish`` fits."""
+
+_KEEP: Any = object()
+"""Marks a part of the document the caller did not mention: it is copied from the previous one."""
+
+
+class DesiredPublisher:
+    """Builds, stores and publishes each node's desired-state document. Thread-safe."""
+
+    def __init__(
+        self,
+        db: Database,
+        publish: Publish,
+        *,
+        clock: Callable[[], float] = time.time,
+        signer: Callable[[DesiredState], DesiredState] | None = None,
+    ) -> None:
+        self.db = db
+        self.publish = publish
+        self.clock = clock
+        self.signer = signer
+        self.counters: collections.Counter[str] = collections.Counter()
+        # Held across persist + publish (see the module docstring); never taken while holding db.lock.
+        self._lock = threading.Lock()
+        db.migrate(SCHEMA)
+        self._observed: dict[str, int] = dict(db.query("SELECT node, generation FROM desired_observed"))
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def publish_release(
+        self,
+        node: str,
+        release: ReleaseRef | None,
+        config: dict[str, Any] | None = None,
+        health: ProbeSpec | None = None,
+    ) -> int:
+        """Set the node's release (``None``: no release); config and health stay as before unless given.
+
+        Returns the new generation.
+        """
+        return self._publish_new(
+            node,
+            release=release,
+            config=_KEEP if config is None else config,
+            health=_KEEP if health is None else health,
+        )
+
+    def publish_config(self, node: str, config: dict[str, Any]) -> int:
+        """Replace the node's config, keeping its release and health probe; returns the new generation."""
+        return self._publish_new(node, release=_KEEP, config=config, health=_KEEP)
+
+    def observe_reported(self, node: str, generation: int) -> None:
+        """Note a generation the agent reported, so the next one we publish is higher still.
+
+        Cheap when nothing is new (called for every reported message): only a higher generation
+        than any seen for the node is written.
+        """
+        with self._lock:
+            if generation <= self._observed.get(node, 0):
+                return
+            self._observed[node] = generation
+            with self.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO desired_observed (node, generation) VALUES (?, ?) "
+                    "ON CONFLICT (node) DO UPDATE SET generation = excluded.generation "
+                    "WHERE excluded.generation > desired_observed.generation",
+                    (node, generation),
+                )
+
+    def republish(self, node: str) -> int:
+        """Publish the stored document again (after a controller restart); returns its generation."""
+        with self._lock:
+            rows = self.db.query("SELECT generation, document FROM desired_state WHERE node = ?", (node,))
+            if not rows:
+                raise NotFound(f"no desired state for node {node!r}")
+            generation, document = rows[0]
+            self._send(node, bytes(document), int(generation))
+            return int(generation)
+
+    def republish_all(self) -> int:
+        """Publish every stored document again; returns how many."""
+        nodes = [row[0] for row in self.db.query("SELECT node FROM desired_state ORDER BY node")]
+        for node in nodes:
+            self.republish(node)
+        return len(nodes)
+
+    def _publish_new(self, node: str, *, release: Any, config: Any, health: Any) -> int:
+        topic = node_topic(node, Channel.DESIRED)  # refuses an invalid node id before anything is stored
+        with self._lock:
+            with self.db.transaction() as conn:
+                previous = self._stored(conn.execute, node)
+                generation = self._next_generation(conn.execute, node)
+                document = _merge(previous, generation, release, config, health, self.clock())
+                if self.signer is not None:
+                    document = self.signer(document)
+                payload = encode(document)
+                conn.execute(
+                    "INSERT OR REPLACE INTO desired_state (node, generation, document, updated) VALUES (?, ?, ?, ?)",
+                    (node, generation, payload, self.clock()),
+                )
+            log.info("desired state of %s: generation %d", node, generation)
+            self._send_to(topic, payload, node, generation)
+            return generation
+
+    def _next_generation(self, execute: Callable[..., Any], node: str) -> int:
+        published = execute("SELECT generation FROM desired_state WHERE node = ?", (node,)).fetchone()
+        observed = execute("SELECT generation FROM desired_observed WHERE node = ?", (node,)).fetchone()
+        return max(published[0] if published else 0, observed[0] if observed else 0) + 1
+
+    def _send(self, node: str, payload: bytes, generation: int) -> None:
+        self._send_to(node_topic(node, Channel.DESIRED), payload, node, generation)
+
+    def _send_to(self, topic: str, payload: bytes, node: str, generation: int) -> None:
+        # A transport error propagates: unlike a command nothing resends it by itself, so the
+        # caller must know (the document is stored; ``republish`` sends it once the link is back).
+        self.publish(topic, payload, 1, True)
+        self.counters["published"] += 1
+        log.debug("published desired generation %d to %s", generation, node)
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def current(self, node: str) -> DesiredState | None:
+        """The last document stored for the node (published, or about to be), or None."""
+        with self.db.lock:
+            return self._stored(self.db.execute, node)
+
+    def generation(self, node: str) -> int | None:
+        rows = self.db.query("SELECT generation FROM desired_state WHERE node = ?", (node,))
+        return int(rows[0][0]) if rows else None
+
+    def _stored(self, execute: Callable[..., Any], node: str) -> DesiredState | None:
+        row = execute("SELECT document FROM desired_state WHERE node = ?", (node,)).fetchone()
+        if row is None:
+            return None
+        where = f"desired_state[{node}]"
+        try:
+            return validate(where, decode_raw(where, bytes(row[0])), DesiredState)
+        except InvalidMessage as exc:
+            # Only a hand-edited or corrupted row gets here; the next publish replaces it.
+            log.error("stored desired state of %s unreadable: %s", node, exc)
+            return None
+
+
+def _merge(
+    previous: DesiredState | None, generation: int, release: Any, config: Any, health: Any, now: float
+) -> DesiredState:
+    """The new document: what the caller gave, and for each ``_KEEP`` part the previous document's."""
+    if release is _KEEP:
+        release = previous.release if previous is not None else None
+    if config is _KEEP:
+        config = previous.config if previous is not None else {}
+    if health is _KEEP:
+        health = previous.health if previous is not None else None
+    return DesiredState(generation=generation, release=release, config=config, health=health, issued_at=now)

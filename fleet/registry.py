@@ -1,0 +1,413 @@
+"""The node registry: every node the controller has heard from, built from the nodes' own messages.
+
+There is no pre-registration: a node exists from its first valid message (the broker's policy makes
+sure only certificate-authenticated ids can publish on their topics). All state lives in memory and
+is the truth for reads; SQLite is written in batches by ``flush()`` (called from the controller's
+tick thread) so heartbeat ingest is never bound by fsync. A controller restart loads the DB back.
+
+Times are the controller's own clock at receipt, never the agent's ``ts``: statuses and silence
+must be judged on one clock, and devices' clocks drift.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet.db import Database
+from fleet.facade import HealthRecord, NodeStatus, NodeView, NotFound
+from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel
+from fleet.protocol.errors import InvalidMessage
+from fleet.protocol.messages import Event, Health, Heartbeat, Message, Reported, Status
+from fleet.protocol.topics import Channel, all_nodes_filter
+
+log = logging.getLogger(__name__)
+
+CHANNELS: tuple[Channel, ...] = (
+    Channel.STATUS,
+    Channel.HEARTBEAT,
+    Channel.HEALTH,
+    Channel.REPORTED,
+    Channel.EVENTS,
+)
+"""The node channels the registry reads; subscribe ``FILTERS`` and route them to ``on_message``."""
+
+FILTERS: tuple[str, ...] = tuple(all_nodes_filter(channel) for channel in CHANNELS)
+
+RECENT_EVENTS = 10
+"""Events kept per node in memory (they are for people looking at one node, not for decisions)."""
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS registry_nodes (
+    id TEXT PRIMARY KEY,
+    connection TEXT,
+    status_ts REAL,
+    agent_version TEXT,
+    version TEXT,
+    previous_version TEXT,
+    update_state TEXT,
+    generation INTEGER,
+    labels TEXT NOT NULL DEFAULT '{}',
+    reported_ts REAL,
+    healthy INTEGER,
+    health_ts REAL,
+    last_seen REAL,
+    heartbeat_ts REAL,
+    heartbeat TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS registry_health (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    node TEXT NOT NULL,
+    ts REAL NOT NULL,
+    healthy INTEGER NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS registry_health_node ON registry_health (node, seq);
+"""
+
+_UPSERT = (
+    "INSERT OR REPLACE INTO registry_nodes (id, connection, status_ts, agent_version, version, previous_version,"
+    " update_state, generation, labels, reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT = (
+    "SELECT id, connection, status_ts, agent_version, version, previous_version, update_state, generation,"
+    " labels, reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat FROM registry_nodes"
+)
+# Keeps the newest ``health_history`` rows of one node: deletes everything at or below the first
+# row past the limit (the subquery is NULL while the node has fewer rows, deleting nothing).
+_TRIM_HEALTH = (
+    "DELETE FROM registry_health WHERE node = ? AND seq <= "
+    "(SELECT seq FROM registry_health WHERE node = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)"
+)
+
+
+@dataclass(slots=True)
+class _Node:
+    """Everything known about one node; mutated only under ``Registry._lock``."""
+
+    id: str
+    connection: str | None = None  # "online"/"offline" from the last status message (or last will)
+    status_ts: float | None = None
+    agent_version: str | None = None
+    version: str | None = None
+    previous_version: str | None = None
+    update_state: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    reported_ts: float | None = None
+    healthy: bool | None = None
+    health_ts: float | None = None
+    last_seen: float | None = None
+    heartbeat_ts: float | None = None
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    health: collections.deque[HealthRecord] = field(default_factory=collections.deque)
+    events: collections.deque[Event] = field(default_factory=lambda: collections.deque(maxlen=RECENT_EVENTS))
+
+    def row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.connection,
+            self.status_ts,
+            self.agent_version,
+            self.version,
+            self.previous_version,
+            self.update_state,
+            self.generation,
+            json.dumps(self.labels, sort_keys=True),
+            self.reported_ts,
+            None if self.healthy is None else int(self.healthy),
+            self.health_ts,
+            self.last_seen,
+            self.heartbeat_ts,
+            json.dumps(self.heartbeat, sort_keys=True),
+        )
+
+
+class Registry:
+    """Nodes from their status, heartbeat, health, reported and events messages. Thread-safe."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        clock: Callable[[], float] = time.time,
+        stale_after: float = 90.0,
+        offline_after: float = 300.0,
+        flush_interval: float = 0.5,
+        health_history: int = 50,
+        max_payload: int = MAX_PAYLOAD,
+    ) -> None:
+        if not 0 < stale_after <= offline_after:
+            raise ValueError("need 0 < stale_after <= offline_after")
+        if health_history < 1:
+            raise ValueError("health_history must be at least 1")
+        self.db = db
+        self.clock = clock
+        self.stale_after = stale_after
+        self.offline_after = offline_after
+        self.flush_interval = flush_interval  # read by the controller's tick thread
+        self.history_limit = health_history
+        self.max_payload = max_payload
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        # Serialises flushes: each writes full rows, so they must land in the order they were taken.
+        self._flush_lock = threading.Lock()
+        self._nodes: dict[str, _Node] = {}
+        self._dirty: set[str] = set()
+        self._pending_health: list[tuple[str, HealthRecord]] = []
+        self._handlers: dict[Channel, Callable[[_Node, Any, float], None]] = {
+            Channel.STATUS: self._on_status,
+            Channel.HEARTBEAT: self._on_heartbeat,
+            Channel.HEALTH: self._on_health,
+            Channel.REPORTED: self._on_reported,
+            Channel.EVENTS: self._on_event,
+        }
+        db.migrate(SCHEMA)
+        self._load()
+
+    # ---- ingest (paho's thread) ------------------------------------------------------------
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        """Take one message from a node topic; bad input is logged and counted, never raised."""
+        try:
+            node_id, channel, message = decode_for_channel(topic, payload, max_size=self.max_payload)
+        except InvalidMessage as exc:
+            self._count("invalid_messages")
+            log.warning("registry: ignored message: %s", exc)
+            return
+        handler = self._handlers.get(channel)
+        if handler is None:
+            self._count("invalid_messages", "unhandled_channel")
+            log.warning("registry: ignored message on %s: channel %s is not read by the registry", topic, channel)
+            return
+        now = self.clock()
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                node = self._nodes[node_id] = _Node(node_id, health=collections.deque(maxlen=self.history_limit))
+                log.info("registry: new node %s (first message on %s)", node_id, channel)
+            node.last_seen = now
+            handler(node, message, now)
+            self._dirty.add(node_id)
+
+    def _count(self, *names: str) -> None:
+        with self._lock:
+            self.counters.update(names)
+
+    def _on_status(self, node: _Node, message: Message, now: float) -> None:
+        assert isinstance(message, Status)
+        self.counters["status"] += 1
+        node.connection = message.state
+        node.status_ts = now
+        if message.agent_version is not None:
+            node.agent_version = message.agent_version
+
+    def _on_heartbeat(self, node: _Node, message: Message, now: float) -> None:
+        assert isinstance(message, Heartbeat)
+        self.counters["heartbeats"] += 1
+        node.heartbeat = message.model_dump(exclude_none=True)
+        node.heartbeat_ts = now
+        if node.connection == "offline":
+            # A live heartbeat after the last will: the node is back even if its online status was
+            # lost. Only heartbeats count here; retained reported messages replay for dead nodes.
+            node.connection = "online"
+            node.status_ts = now
+
+    def _on_health(self, node: _Node, message: Message, now: float) -> None:
+        assert isinstance(message, Health)
+        self.counters["health"] += 1
+        node.healthy = message.healthy
+        node.health_ts = now
+        record = HealthRecord(ts=now, healthy=message.healthy, detail=_health_detail(message))
+        node.health.append(record)
+        self._pending_health.append((node.id, record))
+
+    def _on_reported(self, node: _Node, message: Message, now: float) -> None:
+        assert isinstance(message, Reported)
+        self.counters["reported"] += 1
+        node.version = message.version
+        node.previous_version = message.previous_version
+        node.update_state = message.state.value
+        node.generation = message.generation
+        node.labels = dict(message.labels)
+        node.reported_ts = now
+
+    def _on_event(self, node: _Node, message: Message, _now: float) -> None:
+        assert isinstance(message, Event)
+        self.counters["events"] += 1
+        node.events.append(message)
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def flush(self) -> int:
+        """Write every node changed since the last flush in one transaction; returns how many.
+
+        On a database error the changes stay queued for the next flush and the error is raised.
+        """
+        with self._flush_lock:
+            with self._lock:
+                rows = [self._nodes[node_id].row() for node_id in self._dirty]
+                health = self._pending_health
+                self._dirty = set()
+                self._pending_health = []
+            if not rows and not health:
+                return 0
+            try:
+                self._write(rows, health)
+            except Exception:
+                self._requeue(rows, health)
+                raise
+            return len(rows)
+
+    def _write(self, rows: list[tuple[Any, ...]], health: list[tuple[str, HealthRecord]]) -> None:
+        with self.db.transaction() as conn:
+            conn.executemany(_UPSERT, rows)
+            conn.executemany(
+                "INSERT INTO registry_health (node, ts, healthy, detail) VALUES (?, ?, ?, ?)",
+                [(node_id, rec.ts, int(rec.healthy), rec.detail) for node_id, rec in health],
+            )
+            for node_id in {node_id for node_id, _rec in health}:
+                conn.execute(_TRIM_HEALTH, (node_id, node_id, self.history_limit))
+
+    def _requeue(self, rows: list[tuple[Any, ...]], health: list[tuple[str, HealthRecord]]) -> None:
+        with self._lock:
+            self._dirty.update(row[0] for row in rows)
+            self._pending_health[:0] = health  # in front: they are older than anything since
+
+    def _load(self) -> None:
+        rows = self.db.query(_SELECT)
+        history = self.db.query("SELECT node, ts, healthy, detail FROM registry_health ORDER BY seq")
+        with self._lock:
+            for row in rows:
+                node = _node_from_row(row, self.history_limit)
+                self._nodes[node.id] = node
+            for node_id, ts, healthy, detail in history:
+                if node_id in self._nodes:
+                    self._nodes[node_id].health.append(HealthRecord(ts=ts, healthy=bool(healthy), detail=detail))
+        if rows:
+            log.info("registry: loaded %d nodes from %s", len(rows), self.db.path)
+
+    # ---- reads (any thread) ----------------------------------------------------------------
+
+    def status_of(self, node_id: str) -> NodeStatus:
+        """ONLINE, STALE (online but silent for stale_after) or OFFLINE (said so, or silent for offline_after)."""
+        with self._lock:
+            return self._status(self._get(node_id), self.clock())
+
+    def _status(self, node: _Node, now: float) -> NodeStatus:
+        silence = now - node.last_seen if node.last_seen is not None else float("inf")
+        if node.connection == "offline" or silence > self.offline_after:
+            return NodeStatus.OFFLINE
+        if silence > self.stale_after:
+            return NodeStatus.STALE
+        return NodeStatus.ONLINE
+
+    def nodes(self, selector: dict[str, str] | None = None) -> list[NodeView]:
+        """Nodes whose labels include every ``selector`` pair (all nodes without one), sorted by id."""
+        wanted = (selector or {}).items()
+        with self._lock:
+            now = self.clock()
+            matching = [node for node in self._nodes.values() if wanted <= node.labels.items()]
+            return sorted((self._view(node, now) for node in matching), key=lambda view: view.id)
+
+    def node_view(self, node_id: str) -> NodeView:
+        with self._lock:
+            return self._view(self._get(node_id), self.clock())
+
+    def health_history(self, node_id: str) -> list[HealthRecord]:
+        """The node's last ``health_history`` health messages, oldest first."""
+        with self._lock:
+            return list(self._get(node_id).health)
+
+    def recent_events(self, node_id: str) -> list[Event]:
+        with self._lock:
+            return list(self._get(node_id).events)
+
+    def known(self, node_id: str) -> bool:
+        with self._lock:
+            return node_id in self._nodes
+
+    def counts(self) -> dict[str, int]:
+        """Number of nodes by status; every status is present, zeros included (for metrics)."""
+        counts = dict.fromkeys((status.value for status in NodeStatus), 0)
+        with self._lock:
+            now = self.clock()
+            for node in self._nodes.values():
+                counts[self._status(node, now).value] += 1
+        return counts
+
+    def _get(self, node_id: str) -> _Node:
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"unknown node {node_id!r}")
+        return node
+
+    def _view(self, node: _Node, now: float) -> NodeView:
+        return NodeView(
+            id=node.id,
+            status=self._status(node, now),
+            version=node.version if node.version is not None else node.heartbeat.get("version"),
+            previous_version=node.previous_version,
+            update_state=node.update_state,
+            healthy=node.healthy,
+            generation=node.generation,
+            labels=dict(node.labels),
+            last_seen=node.last_seen,
+            health_ts=node.health_ts,
+            reported_ts=node.reported_ts,
+            agent_version=node.agent_version,
+            heartbeat=dict(node.heartbeat),
+        )
+
+
+def _node_from_row(row: Iterable[Any], history: int) -> _Node:
+    (
+        node_id,
+        connection,
+        status_ts,
+        agent_version,
+        version,
+        previous_version,
+        update_state,
+        generation,
+        labels,
+        reported_ts,
+        healthy,
+        health_ts,
+        last_seen,
+        heartbeat_ts,
+        heartbeat,
+    ) = row
+    return _Node(
+        id=node_id,
+        connection=connection,
+        status_ts=status_ts,
+        agent_version=agent_version,
+        version=version,
+        previous_version=previous_version,
+        update_state=update_state,
+        generation=generation,
+        labels=json.loads(labels),
+        reported_ts=reported_ts,
+        healthy=None if healthy is None else bool(healthy),
+        health_ts=health_ts,
+        last_seen=last_seen,
+        heartbeat_ts=heartbeat_ts,
+        heartbeat=json.loads(heartbeat),
+        health=collections.deque(maxlen=history),
+    )
+
+
+def _health_detail(message: Health) -> str | None:
+    """One line for people: the failing probes (or the consecutive failure count)."""
+    failing = [f"{probe.name}: {probe.detail or 'failed'}" for probe in message.probes if not probe.ok]
+    if message.consecutive_failures:
+        failing.append(f"{message.consecutive_failures} consecutive failures")
+    return "; ".join(failing) or None

@@ -1,0 +1,198 @@
+"""Desired state: monotonic generations per node, persisted before publishing, config kept; then a real agent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import certs
+from fleet.db import Database
+from fleet.desired import DesiredPublisher
+from fleet.facade import NotFound
+from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.protocol.codec import decode, decode_for_channel
+from fleet.protocol.errors import InvalidMessage, TransportError
+from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef, Reported
+from fleet.protocol.topics import Channel, all_nodes_filter
+from tests.agentproc import AgentProcess
+from tests.conftest import Pki
+from tests.mqtt import Endpoint, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def release(version: str) -> ReleaseRef:
+    return ReleaseRef(name="app", version=version, digest=DIGEST, size=10, chunk_size=4)
+
+
+class Wire:
+    """Retained documents as the broker would hold them: the last one per topic wins."""
+
+    def __init__(self) -> None:
+        self.retained: dict[str, DesiredState] = {}
+        self.count = 0
+
+    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        assert (qos, retain) == (1, True)
+        self.retained[topic] = decode(topic, payload, DesiredState)
+        self.count += 1
+
+    def of(self, node: str) -> DesiredState:
+        return self.retained[f"fleet/v1/nodes/{node}/desired"]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "fleet.db"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[Database]:
+    database = Database(db_path)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def wire() -> Wire:
+    return Wire()
+
+
+@pytest.fixture
+def publisher(db: Database, wire: Wire) -> DesiredPublisher:
+    return DesiredPublisher(db, wire, clock=lambda: 1234.0)
+
+
+def test_generations_are_monotonic_per_node(publisher: DesiredPublisher, wire: Wire) -> None:
+    assert publisher.publish_release("gw-a", release("1.0.0")) == 1
+    assert publisher.publish_release("gw-a", release("1.1.0")) == 2
+    assert publisher.publish_release("gw-b", release("1.0.0")) == 1
+    assert publisher.publish_config("gw-a", {"level": "debug"}) == 3
+    document = wire.of("gw-a")
+    assert document.generation == 3
+    assert document.issued_at == 1234.0
+    assert publisher.current("gw-a") == document
+    assert publisher.current("gw-c") is None
+
+
+def test_generations_survive_a_new_publisher_on_the_same_file(
+    publisher: DesiredPublisher, db_path: Path, wire: Wire
+) -> None:
+    publisher.publish_release("gw-a", release("1.0.0"))
+    publisher.publish_release("gw-a", release("1.1.0"))
+    other = Database(db_path)
+    try:
+        restarted = DesiredPublisher(other, wire)
+        assert restarted.current("gw-a") == publisher.current("gw-a")
+        assert restarted.republish("gw-a") == 2
+        assert restarted.republish_all() == 1
+        assert restarted.publish_config("gw-a", {"x": 1}) == 3
+        with pytest.raises(NotFound):
+            restarted.republish("gw-z")
+    finally:
+        other.close()
+
+
+def test_a_reported_generation_raises_the_next_one(publisher: DesiredPublisher, db_path: Path, wire: Wire) -> None:
+    # E.g. the controller's database was lost: the agent's applied generation is the floor.
+    publisher.observe_reported("gw-a", 41)
+    publisher.observe_reported("gw-a", 7)  # lower: changes nothing
+    assert publisher.publish_config("gw-a", {}) == 42
+    other = Database(db_path)
+    try:
+        assert DesiredPublisher(other, wire).publish_config("gw-b", {}) == 1
+        other.execute("DELETE FROM desired_state")
+        assert DesiredPublisher(other, wire).publish_config("gw-a", {}) == 42  # observed 41 is kept
+    finally:
+        other.close()
+
+
+def test_config_and_probe_are_kept_when_only_the_release_changes(publisher: DesiredPublisher, wire: Wire) -> None:
+    probe = ProbeSpec(kind="tcp", target="127.0.0.1:80")
+    publisher.publish_config("gw-a", {"level": "debug"})
+    publisher.publish_release("gw-a", release("1.0.0"), health=probe)
+    publisher.publish_release("gw-a", release("1.1.0"))
+    document = wire.of("gw-a")
+    assert document.release == release("1.1.0")
+    assert document.config == {"level": "debug"}
+    assert document.health == probe
+    # ... and the release is kept when only the config changes.
+    publisher.publish_config("gw-a", {"level": "info"})
+    assert wire.of("gw-a").release == release("1.1.0")
+    assert wire.of("gw-a").config == {"level": "info"}
+    # An explicit None release means "no release" (a config-only baseline).
+    publisher.publish_release("gw-a", None, config={"level": "warn"})
+    assert wire.of("gw-a").release is None
+
+
+def test_the_document_is_stored_before_it_is_published(db: Database) -> None:
+    seen: list[tuple[object, ...]] = []
+
+    def failing(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        seen.extend(db.query("SELECT node, generation FROM desired_state"))
+        raise TransportError("broker gone")
+
+    publisher = DesiredPublisher(db, failing)
+    with pytest.raises(TransportError):
+        publisher.publish_config("gw-a", {"a": 1})
+    assert seen == [("gw-a", 1)]
+    assert publisher.generation("gw-a") == 1  # stored: republish sends it once the link is back
+
+
+def test_invalid_node_ids_are_refused_before_anything_is_stored(publisher: DesiredPublisher, db: Database) -> None:
+    with pytest.raises(InvalidMessage):
+        publisher.publish_config("bad/node", {})
+    assert db.query("SELECT COUNT(*) FROM desired_state") == [(0,)]
+
+
+# --- a real agent over both brokers -----------------------------------------------------------
+
+_issued: list[certs.ClientPaths] = []
+
+
+@pytest.fixture
+def controller_identity(pki: Pki) -> TlsIdentity:
+    """A controller identity of our own: sharing controller.pem with other tests would kick both off."""
+    if not _issued:  # the PKI is session-scoped: issue once per session
+        _issued.append(certs.issue_controller(pki.paths, "ctl-desired", force=True))
+    return TlsIdentity(pki.paths.ca_cert, _issued[0].cert, _issued[0].key)
+
+
+def test_desired_state_reaches_a_real_agent(
+    broker: Endpoint, pki: Pki, controller_identity: TlsIdentity, tmp_path: Path
+) -> None:
+    db = Database(tmp_path / "fleet.db")
+    mqtt = FleetMqtt(broker.host, broker.port, controller_identity, options=MqttOptions(reconnect_max=2))
+    publisher = DesiredPublisher(db, mqtt.publish)
+    reports: list[Reported] = []
+
+    def on_reported(topic: str, payload: bytes) -> None:
+        decoded = decode_for_channel(topic, payload)
+        assert isinstance(decoded.message, Reported)
+        reports.append(decoded.message)
+        publisher.observe_reported(decoded.node_id, decoded.message.generation)
+
+    mqtt.subscribe(all_nodes_filter(Channel.REPORTED), on_reported)
+    mqtt.start()
+    agent = AgentProcess("gw-a", broker, pki.device("gw-a"), tmp_path / "agent")
+    try:
+        agent.start()
+        first = publisher.publish_config("gw-a", {"labels": {"ring": "canary"}})
+        wait_until(lambda: any(r.generation == first for r in reports), 15, f"gw-a reports generation {first}")
+        assert next(r for r in reports if r.generation == first).labels == {"ring": "canary"}
+
+        # While the agent is away, a newer generation waits retained on the broker.
+        agent.stop()
+        second = publisher.publish_config("gw-a", {"labels": {"ring": "main"}})
+        assert second == first + 1
+        agent.start()
+        wait_until(lambda: any(r.generation == second for r in reports), 15, f"gw-a reports generation {second}")
+        assert next(r for r in reports if r.generation == second).labels == {"ring": "main"}
+    finally:
+        agent.kill9()
+        mqtt.close()
+        db.close()

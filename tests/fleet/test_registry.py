@@ -1,0 +1,346 @@
+"""The registry: nodes from their messages, statuses on an injected clock, batched persistence; a real agent."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import certs
+from fleet.db import Database
+from fleet.facade import NodeStatus, NotFound
+from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.protocol.codec import MAX_PAYLOAD, encode
+from fleet.protocol.messages import Event, Health, Heartbeat, Message, ProbeResult, Reported, Status, UpdateState
+from fleet.protocol.topics import Channel, node_topic
+from fleet.registry import FILTERS, Registry
+from tests.agentproc import AgentProcess
+from tests.conftest import Pki
+from tests.mqtt import Endpoint, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def heartbeat(seq: int = 1) -> Heartbeat:
+    return Heartbeat(seq=seq, uptime=10.0, cpu=5.0, mem_free=1000, disk_free=2000, version="1.0.0")
+
+
+def reported(labels: dict[str, str] | None = None, generation: int = 3) -> Reported:
+    return Reported(
+        generation=generation,
+        version="1.2.0",
+        previous_version="1.1.0",
+        state=UpdateState.HEALTHY,
+        labels=labels or {},
+        ts=1.0,
+    )
+
+
+def health(healthy: bool = True) -> Health:
+    probes = [] if healthy else [ProbeResult(name="http", ok=False, detail="503")]
+    return Health(version="1.2.0", healthy=healthy, probes=probes, ts=1.0)
+
+
+SAMPLES: dict[Channel, Message] = {
+    Channel.STATUS: Status(state="online", ts=1.0, agent_version="0.9"),
+    Channel.HEARTBEAT: heartbeat(),
+    Channel.HEALTH: health(),
+    Channel.REPORTED: reported({"ring": "canary"}),
+    Channel.EVENTS: Event(kind="update", detail="started", ts=1.0),
+}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "fleet.db"
+
+
+@pytest.fixture
+def registry(db_path: Path, clock: Clock) -> Iterator[Registry]:
+    db = Database(db_path)
+    yield Registry(db, clock=clock, stale_after=90, offline_after=300, health_history=5)
+    db.close()
+
+
+def send(registry: Registry, node: str, message: Message, channel: Channel) -> None:
+    registry.on_message(node_topic(node, channel), encode(message))
+
+
+# --- nodes appear from their messages -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("channel", list(SAMPLES))
+def test_a_node_appears_from_its_first_message_of_any_kind(registry: Registry, channel: Channel) -> None:
+    assert not registry.known("gw-a")
+    send(registry, "gw-a", SAMPLES[channel], channel)
+    assert registry.known("gw-a")
+    assert [view.id for view in registry.nodes()] == ["gw-a"]
+    assert registry.node_view("gw-a").status is NodeStatus.ONLINE
+    assert registry.counters["invalid_messages"] == 0
+
+
+def test_each_message_kind_updates_its_fields(registry: Registry, clock: Clock) -> None:
+    for channel, message in SAMPLES.items():
+        send(registry, "gw-a", message, channel)
+    view = registry.node_view("gw-a")
+    assert view.agent_version == "0.9"
+    assert (view.version, view.previous_version, view.update_state, view.generation) == (
+        "1.2.0",
+        "1.1.0",
+        "healthy",
+        3,
+    )
+    assert view.labels == {"ring": "canary"}
+    assert view.healthy is True
+    assert view.health_ts == view.reported_ts == view.last_seen == clock.now
+    assert view.heartbeat["seq"] == 1
+    assert view.heartbeat["mem_free"] == 1000
+    assert [event.kind for event in registry.recent_events("gw-a")] == ["update"]
+    assert registry.counters["heartbeats"] == 1
+
+
+def test_json_payloads_are_accepted(registry: Registry) -> None:
+    body = {"seq": 7, "uptime": 1.5, "cpu": 2, "mem_free": 3, "disk_free": 4, "future_field": "ignored"}
+    registry.on_message(node_topic("gw-j", Channel.HEARTBEAT), json.dumps(body).encode())
+    registry.on_message(node_topic("gw-j", Channel.STATUS), b'  {"state": "online"}')
+    view = registry.node_view("gw-j")
+    assert view.heartbeat["seq"] == 7
+    assert view.status is NodeStatus.ONLINE
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        pytest.param(node_topic("gw-a", Channel.HEARTBEAT), b"\xc1\xff garbage", id="malformed-msgpack"),
+        pytest.param(node_topic("gw-a", Channel.HEARTBEAT), b'{"seq": 1', id="malformed-json"),
+        pytest.param(node_topic("gw-a", Channel.HEARTBEAT), b'{"seq": "one"}', id="wrong-type"),
+        pytest.param(node_topic("gw-a", Channel.STATUS), b'{"state": "sleeping"}', id="bad-enum"),
+        pytest.param(node_topic("gw-a", Channel.STATUS), b"", id="empty"),
+        pytest.param(node_topic("gw-a", Channel.EVENTS), b"{" + b" " * MAX_PAYLOAD + b"}", id="oversize"),
+        pytest.param("fleet/v1/nodes/gw-a/unknown", b'{"state": "online"}', id="unknown-channel"),
+        pytest.param("fleet/v1/nodes/-bad-/status", b'{"state": "online"}', id="bad-node-id"),
+        pytest.param("somewhere/else", b'{"state": "online"}', id="not-a-node-topic"),
+        pytest.param(node_topic("gw-a", Channel.ACK), b'{"id": "c1", "status": "done", "ts": 1}', id="not-ours"),
+    ],
+)
+def test_bad_input_is_counted_and_never_raises(registry: Registry, topic: str, payload: bytes) -> None:
+    registry.on_message(topic, payload)
+    assert registry.counters["invalid_messages"] == 1
+    assert registry.nodes() == []
+
+
+# --- statuses ---------------------------------------------------------------------------------
+
+
+def test_online_then_stale_then_offline_by_silence(registry: Registry, clock: Clock) -> None:
+    send(registry, "gw-a", SAMPLES[Channel.STATUS], Channel.STATUS)
+    send(registry, "gw-a", heartbeat(), Channel.HEARTBEAT)
+    assert registry.status_of("gw-a") is NodeStatus.ONLINE
+    clock.advance(89)
+    assert registry.status_of("gw-a") is NodeStatus.ONLINE
+    clock.advance(2)
+    assert registry.status_of("gw-a") is NodeStatus.STALE
+    send(registry, "gw-a", heartbeat(2), Channel.HEARTBEAT)
+    assert registry.status_of("gw-a") is NodeStatus.ONLINE
+    clock.advance(301)
+    assert registry.status_of("gw-a") is NodeStatus.OFFLINE
+    assert registry.counts() == {"online": 0, "stale": 0, "offline": 1}
+
+
+def test_last_will_makes_a_node_offline_until_it_is_heard_again(registry: Registry, clock: Clock) -> None:
+    send(registry, "gw-a", SAMPLES[Channel.STATUS], Channel.STATUS)
+    send(registry, "gw-b", SAMPLES[Channel.STATUS], Channel.STATUS)
+    send(registry, "gw-a", Status(state="offline"), Channel.STATUS)  # the last will carries no ts
+    assert registry.status_of("gw-a") is NodeStatus.OFFLINE
+    assert registry.counts() == {"online": 1, "stale": 0, "offline": 1}
+    # A retained reported message replays for dead nodes too: it must not revive one.
+    send(registry, "gw-a", reported(), Channel.REPORTED)
+    assert registry.status_of("gw-a") is NodeStatus.OFFLINE
+    clock.advance(5)
+    send(registry, "gw-a", heartbeat(), Channel.HEARTBEAT)
+    assert registry.status_of("gw-a") is NodeStatus.ONLINE
+
+
+def test_unknown_node_is_not_found(registry: Registry) -> None:
+    with pytest.raises(NotFound, match="gw-x"):
+        registry.node_view("gw-x")
+    with pytest.raises(NotFound):
+        registry.status_of("gw-x")
+    with pytest.raises(NotFound):
+        registry.health_history("gw-x")
+
+
+# --- labels and selectors ---------------------------------------------------------------------
+
+
+def test_selector_matches_label_equality_sorted_by_id(registry: Registry) -> None:
+    send(registry, "gw-c", reported({"ring": "canary", "site": "plant-3"}), Channel.REPORTED)
+    send(registry, "gw-a", reported({"ring": "canary", "site": "plant-4"}), Channel.REPORTED)
+    send(registry, "gw-b", reported({"ring": "main", "site": "plant-3"}), Channel.REPORTED)
+    send(registry, "gw-d", heartbeat(), Channel.HEARTBEAT)  # no labels yet
+    assert [v.id for v in registry.nodes()] == ["gw-a", "gw-b", "gw-c", "gw-d"]
+    assert [v.id for v in registry.nodes({})] == ["gw-a", "gw-b", "gw-c", "gw-d"]
+    assert [v.id for v in registry.nodes({"ring": "canary"})] == ["gw-a", "gw-c"]
+    assert [v.id for v in registry.nodes({"ring": "canary", "site": "plant-3"})] == ["gw-c"]
+    assert registry.nodes({"ring": "nope"}) == []
+    # Labels are replaced by each reported message, not merged: a removed label is gone.
+    send(registry, "gw-c", reported({"site": "plant-3"}), Channel.REPORTED)
+    assert [v.id for v in registry.nodes({"ring": "canary"})] == ["gw-a"]
+
+
+# --- health history ---------------------------------------------------------------------------
+
+
+def test_health_history_is_bounded_and_newest_last(registry: Registry, clock: Clock) -> None:
+    for index in range(8):
+        clock.advance(1)
+        send(registry, "gw-a", health(healthy=index % 2 == 0), Channel.HEALTH)
+    history = registry.health_history("gw-a")
+    assert len(history) == 5
+    assert [record.ts for record in history] == [clock.now - 4 + i for i in range(5)]
+    assert history[-1].healthy is False
+    assert history[-1].detail == "http: 503"
+    assert registry.node_view("gw-a").healthy is False
+
+
+# --- persistence ------------------------------------------------------------------------------
+
+
+def test_writes_are_batched_and_a_restart_keeps_the_registry(registry: Registry, db_path: Path, clock: Clock) -> None:
+    for channel, message in SAMPLES.items():
+        send(registry, "gw-a", message, channel)
+    for index in range(7):
+        send(registry, "gw-a", health(healthy=index != 6), Channel.HEALTH)
+    send(registry, "gw-b", Status(state="offline"), Channel.STATUS)
+    assert registry.db.query("SELECT COUNT(*) FROM registry_nodes") == [(0,)]  # nothing until flush
+    assert registry.flush() == 2
+    assert registry.flush() == 0  # nothing changed since
+    before = registry.nodes()
+
+    other = Database(db_path)
+    try:
+        restarted = Registry(other, clock=clock, health_history=5)
+        assert restarted.nodes() == before
+        assert restarted.node_view("gw-a").labels == {"ring": "canary"}
+        assert restarted.status_of("gw-b") is NodeStatus.OFFLINE
+        history = restarted.health_history("gw-a")
+        assert history == registry.health_history("gw-a")
+        assert len(history) == 5
+        assert other.query("SELECT COUNT(*) FROM registry_health WHERE node = 'gw-a'") == [(5,)]
+    finally:
+        other.close()
+
+
+def test_a_failed_flush_keeps_its_changes_for_the_next(registry: Registry, db_path: Path) -> None:
+    send(registry, "gw-a", heartbeat(), Channel.HEARTBEAT)
+    registry.db.execute("ALTER TABLE registry_nodes RENAME TO broken")
+    with pytest.raises(Exception, match="registry_nodes"):
+        registry.flush()
+    registry.db.execute("ALTER TABLE broken RENAME TO registry_nodes")
+    assert registry.flush() == 1
+    assert registry.db.query("SELECT id FROM registry_nodes") == [("gw-a",)]
+
+
+# --- a real agent over both brokers -----------------------------------------------------------
+
+_issued: list[certs.ClientPaths] = []
+
+
+@pytest.fixture
+def controller_identity(pki: Pki) -> TlsIdentity:
+    """A controller identity of our own: sharing controller.pem with other tests would kick both off."""
+    if not _issued:  # the PKI is session-scoped: issue once per session
+        _issued.append(certs.issue_controller(pki.paths, "ctl-registry", force=True))
+    return TlsIdentity(pki.paths.ca_cert, _issued[0].cert, _issued[0].key)
+
+
+def test_registry_follows_a_real_agent(
+    broker: Endpoint, pki: Pki, controller_identity: TlsIdentity, tmp_path: Path
+) -> None:
+    db = Database(tmp_path / "fleet.db")
+    registry = Registry(db)
+    mqtt = FleetMqtt(broker.host, broker.port, controller_identity, options=MqttOptions(reconnect_max=2))
+    for topic_filter in FILTERS:
+        mqtt.subscribe(topic_filter, registry.on_message)
+    mqtt.start()
+    agent = AgentProcess("gw-a", broker, pki.device("gw-a"), tmp_path / "agent", extra={"labels": {"ring": "canary"}})
+    try:
+        agent.start()
+
+        def seen_alive() -> bool:
+            if not registry.known("gw-a"):
+                return False
+            view = registry.node_view("gw-a")
+            return view.status is NodeStatus.ONLINE and view.labels == {"ring": "canary"} and view.heartbeat != {}
+
+        wait_until(seen_alive, 15, "gw-a online with labels and a heartbeat")
+        view = registry.node_view("gw-a")
+        assert view.agent_version is not None
+        assert view.generation == 0  # no desired state yet
+        assert view.update_state is not None
+        first_seq = view.heartbeat["seq"]
+        wait_until(lambda: registry.node_view("gw-a").heartbeat["seq"] > first_seq, 10, "a second heartbeat")
+        assert [v.id for v in registry.nodes({"ring": "canary"})] == ["gw-a"]
+
+        agent.kill9()  # no DISCONNECT: the broker publishes the last will after the keepalive runs out
+        wait_until(lambda: registry.status_of("gw-a") is NodeStatus.OFFLINE, 20, "gw-a offline by its last will")
+        assert registry.counters["invalid_messages"] == 0
+        registry.flush()
+        assert db.query("SELECT connection FROM registry_nodes WHERE id = 'gw-a'") == [("offline",)]
+    finally:
+        agent.kill9()
+        mqtt.close()
+        db.close()
+
+
+def test_ingest_flush_and_reads_from_several_threads(registry: Registry) -> None:
+    errors: list[BaseException] = []
+    payloads = [(node_topic(f"gw-{i:03d}", Channel.HEARTBEAT), encode(heartbeat(i))) for i in range(300)]
+
+    def guarded(work: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                for _ in range(20):
+                    work()
+            except BaseException as exc:
+                errors.append(exc)
+
+        return run
+
+    def ingest() -> None:
+        for topic, payload in payloads:
+            registry.on_message(topic, payload)
+
+    threads = [
+        threading.Thread(target=guarded(ingest), name="ingest"),
+        threading.Thread(target=guarded(registry.flush), name="flush"),
+        threading.Thread(target=guarded(registry.nodes), name="read"),
+        threading.Thread(target=guarded(registry.counts), name="counts"),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    registry.flush()
+    assert registry.db.query("SELECT COUNT(*) FROM registry_nodes") == [(300,)]
+    assert registry.counters["heartbeats"] == 20 * 300
