@@ -525,11 +525,23 @@ class Agent:
     async def _do_reload(self, _command: Command) -> str:
         return self._reload_local_config()
 
-    async def _do_rollback(self, _command: Command) -> str:
-        leaving = self.updater.current()
+    async def _do_rollback(self, command: Command) -> str:
+        """Back to the previous release. A rollout names what it undoes (``from``) and where to
+        (``to``): a node that is not on ``from`` (never updated, or already rolled back by itself)
+        is left alone, so a rollback never pushes a node below its baseline."""
+        current = self.updater.current()
+        running = current.version if current is not None else None
+        undo, back_to = command.args.get("from"), command.args.get("to")
+        if undo is not None and running != undo:
+            return f"not running {undo} (running {running or 'the configured workload'}): nothing to roll back"
+        if back_to is not None and running == back_to:
+            return f"already on {back_to}"
+        previous = self.updater.previous()
+        if back_to is not None and (previous is None or previous.version != back_to):
+            raise CommandFailed(f"release {back_to} is not installed")
         result = await self.updater.rollback("rollback command")
-        if leaving is not None:
-            self.updater.mark_left_behind(leaving.digest)
+        if current is not None:
+            self.updater.mark_left_behind(current.digest)
         return result
 
     def _ack(self, command_id: str, status: AckStatus, detail: str | None) -> None:

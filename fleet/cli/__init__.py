@@ -28,12 +28,18 @@ def _register_subcommands() -> None:
     if _registered:
         return
     _registered = True
-    from fleet.cli import broker_cmd, certs_cmd, release_cmd, serve_cmd
+    from fleet.cli import broker_cmd, certs_cmd, controller_cmd, ops_cmd, release_cmd, serve_cmd, watch_cmd
 
     app.add_typer(certs_cmd.app, name="certs")
     app.command("broker")(broker_cmd.broker)
     release_cmd.app.command("serve")(serve_cmd.serve)
     app.add_typer(release_cmd.app, name="release")
+    app.command("controller")(controller_cmd.controller)
+    app.command("nodes")(ops_cmd.nodes)
+    app.command("node")(ops_cmd.node)
+    app.command("send")(ops_cmd.send)
+    app.add_typer(ops_cmd.rollout_app, name="rollout")
+    app.command("watch")(watch_cmd.watch)
 
 
 def main() -> None:

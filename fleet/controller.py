@@ -1,0 +1,228 @@
+"""The fleet controller service: registry, command tracking, desired state, rollouts, release serving.
+
+Threads, each owned and stopped by ``Controller.stop``: paho's network thread delivers messages to
+the registry and the command tracker; the release service has its transfer workers; one tick
+thread flushes telemetry, resends unacknowledged commands and drives rollouts; the HTTP API runs
+in its own thread. All state lives in one SQLite file, so a restart (also after ``kill -9``)
+resumes rollouts where they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from certs import PkiPaths
+from fleet.commands import CommandTracker
+from fleet.db import Database
+from fleet.desired import DesiredPublisher
+from fleet.facade import (
+    CommandView,
+    NodeDetail,
+    NodeView,
+    RolloutRequest,
+    RolloutView,
+)
+from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.protocol.codec import decode
+from fleet.protocol.errors import InvalidMessage
+from fleet.protocol.messages import ReleaseRef, Reported
+from fleet.protocol.topics import Channel, all_nodes_filter, parse_node_topic
+from fleet.registry import Registry
+from fleet.release_server import ReleaseServer, ReleaseService
+from fleet.releases import ReleaseStore
+from fleet.rollouts import RolloutEngine
+
+log = logging.getLogger(__name__)
+
+INGEST_CHANNELS = (Channel.STATUS, Channel.HEARTBEAT, Channel.HEALTH, Channel.REPORTED, Channel.EVENTS)
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    pki: PkiPaths
+    broker_host: str
+    broker_port: int
+    db: Path
+    store: Path
+    identity: str | None = None  # controllers/<name> under the PKI; None: controller.pem
+    tick_interval: float = 0.5
+    stale_after: float = 90.0
+    offline_after: float = 300.0
+    max_transfers: int = 8
+    rate_limit: int | None = None
+
+    def tls_identity(self) -> TlsIdentity:
+        if self.identity is None:
+            return TlsIdentity(self.pki.ca_cert, self.pki.controller_cert, self.pki.controller_key)
+        client = self.pki.controller(self.identity)
+        return TlsIdentity(self.pki.ca_cert, client.cert, client.key)
+
+
+class _DesiredAdapter:
+    """The rollout engine's view of desired state, on top of the desired-state publisher."""
+
+    def __init__(self, desired: DesiredPublisher) -> None:
+        self._desired = desired
+
+    def publish_release(self, node: str, release: ReleaseRef | None) -> int:
+        return self._desired.publish_release(node, release)
+
+    def current_release(self, node: str) -> ReleaseRef | None:
+        current = self._desired.current(node)
+        return None if current is None else current.release
+
+
+class Controller:
+    """Implements fleet.facade.ControllerFacade."""
+
+    def __init__(self, settings: ControllerSettings) -> None:
+        self.settings = settings
+        self.db = Database(settings.db)
+        self.mqtt = FleetMqtt(settings.broker_host, settings.broker_port, settings.tls_identity())
+        self.registry = Registry(self.db, stale_after=settings.stale_after, offline_after=settings.offline_after)
+        self.commands = CommandTracker(self.db, self._publish)
+        self.desired = DesiredPublisher(self.db, self._publish_retained)
+        self.releases = ReleaseStore(settings.store)
+        self.rollouts_engine = RolloutEngine(
+            self.db, self.registry, _DesiredAdapter(self.desired), self.commands, self.releases
+        )
+        self.release_service = ReleaseService(
+            self.mqtt,
+            ReleaseServer(self.releases),
+            max_transfers=settings.max_transfers,
+            rate_limit=settings.rate_limit,
+        )
+        self._stopping = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._heartbeat_rate = 0.0
+        self._last_rate_sample = (time.monotonic(), 0)
+        self.tick_errors = 0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for channel in INGEST_CHANNELS:
+            self.mqtt.subscribe(all_nodes_filter(channel), self._ingest)
+        self.mqtt.subscribe(all_nodes_filter(Channel.ACK), self.commands.on_ack)
+        self.mqtt.start()
+        self.release_service.start()
+        self._ticker = threading.Thread(target=self._tick_forever, name="controller-tick", daemon=True)
+        self._ticker.start()
+        log.info("controller connected to %s as %s", self.mqtt.address, self.mqtt.client_id)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout)
+        self.release_service.stop()
+        self.registry.flush()
+        self.mqtt.close()
+        self.db.close()
+
+    def _tick_forever(self) -> None:
+        while not self._stopping.wait(self.settings.tick_interval):
+            self.tick()
+
+    def tick(self) -> None:
+        """One round of periodic work; an error in one part is logged and counted, never fatal."""
+        for name, step in (
+            ("flush", self.registry.flush),
+            ("resend", self.commands.resend_due),
+            ("rollouts", self.rollouts_engine.tick),
+            ("rates", self._sample_rates),
+        ):
+            try:
+                step()
+            except Exception:
+                self.tick_errors += 1
+                log.exception("controller tick step %s failed", name)
+
+    # ---- MQTT ------------------------------------------------------------------------------
+
+    def _publish(self, topic: str, payload: bytes, qos: int) -> object:
+        return self.mqtt.publish(topic, payload, qos)
+
+    def _publish_retained(self, topic: str, payload: bytes, qos: int, retain: bool) -> object:
+        return self.mqtt.publish(topic, payload, qos, retain)
+
+    def _ingest(self, topic: str, payload: bytes) -> None:
+        self.registry.on_message(topic, payload)
+        if topic.endswith("/" + Channel.REPORTED.value):
+            self._observe_generation(topic, payload)
+
+    def _observe_generation(self, topic: str, payload: bytes) -> None:
+        try:
+            node, _channel = parse_node_topic(topic)
+            reported = decode(topic, payload, Reported)
+        except InvalidMessage:
+            return  # the registry already counted it
+        self.desired.observe_reported(node, reported.generation)
+
+    def _sample_rates(self) -> None:
+        now = time.monotonic()
+        received = int(self.registry.counters["heartbeats"])
+        then, before = self._last_rate_sample
+        if now - then >= 1.0:
+            self._heartbeat_rate = (received - before) / (now - then)
+            self._last_rate_sample = (now, received)
+
+    # ---- facade ----------------------------------------------------------------------------
+
+    def nodes(self, selector: dict[str, str] | None = None) -> list[NodeView]:
+        return self.registry.nodes(selector)
+
+    def node(self, node_id: str) -> NodeDetail:
+        view = self.registry.node_view(node_id)
+        return NodeDetail(
+            node=view,
+            health_history=self.registry.health_history(node_id),
+            commands=self.commands.for_node(node_id),
+        )
+
+    def send_command(
+        self, node_id: str, action: str, args: dict[str, Any] | None = None, expires_in: float = 3600.0
+    ) -> CommandView:
+        self.registry.node_view(node_id)  # NotFound for an id never seen
+        return self.commands.send(node_id, action, args, expires_in)
+
+    def command(self, command_id: str) -> CommandView:
+        return self.commands.get(command_id)
+
+    def start_rollout(self, request: RolloutRequest) -> RolloutView:
+        return self.rollouts_engine.start(request)
+
+    def rollouts(self) -> list[RolloutView]:
+        return self.rollouts_engine.list()
+
+    def rollout(self, rollout_id: str) -> RolloutView:
+        return self.rollouts_engine.get(rollout_id)
+
+    def pause_rollout(self, rollout_id: str) -> RolloutView:
+        return self.rollouts_engine.pause(rollout_id)
+
+    def resume_rollout(self, rollout_id: str) -> RolloutView:
+        return self.rollouts_engine.resume(rollout_id)
+
+    def abort_rollout(self, rollout_id: str) -> RolloutView:
+        return self.rollouts_engine.abort(rollout_id)
+
+    def metrics(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for status, count in self.registry.counts().items():
+            values[f'fleet_nodes{{status="{status}"}}'] = float(count)
+        for state, count in self.rollouts_engine.counts().items():
+            values[f'fleet_rollouts{{state="{state}"}}'] = float(count)
+        values["fleet_heartbeats_per_second"] = self._heartbeat_rate
+        values["fleet_heartbeats_received_total"] = float(self.registry.counters["heartbeats"])
+        values["fleet_invalid_messages_total"] = float(self.registry.counters["invalid_messages"])
+        values["fleet_commands_pending"] = float(self.commands.pending_count())
+        stats = self.release_service.stats()
+        values["fleet_artifact_chunks_sent_total"] = float(stats.chunks_sent)
+        values["fleet_artifact_bytes_sent_total"] = float(stats.bytes_sent)
+        values["fleet_controller_tick_errors_total"] = float(self.tick_errors)
+        return values
