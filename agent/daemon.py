@@ -309,9 +309,13 @@ class Agent:
         self.transport.publish(self._topic(Channel.STATUS), encode(online), qos=1, retain=True)
         # Subscribing again on every connect makes the broker resend the retained desired state:
         # nothing depends on having seen the messages published while we were away.
+        # Chunks at QoS 0: they are asked for on demand and asked again when lost, so the broker must
+        # not queue or redeliver them (with QoS 1 a link dropping every few chunks built a backlog
+        # of redeliveries that the next drop cut again, forever).
         self.transport.subscribe(
-            [(self._topic(ch), 1) for ch in (Channel.DESIRED, Channel.CMD, Channel.ARTIFACT_CHUNK)]
+            [(self._topic(Channel.DESIRED), 1), (self._topic(Channel.CMD), 1), (self._topic(Channel.ARTIFACT_CHUNK), 0)]
         )
+        self.updater.on_reconnect()
         self._publish_reported()
         self._outbox_wake.set()
 

@@ -124,6 +124,10 @@ class Updater:
         self._generation = generation
         self._wake.set()
 
+    def on_reconnect(self) -> None:
+        """Chunks in flight when the link dropped are gone (QoS 0): ask again now, not at the timeout."""
+        self._chunk_arrived.set()
+
     def on_chunk(self, inbound: Inbound) -> None:
         try:
             chunk = decode(inbound.topic, inbound.payload, ArtifactChunk)
@@ -268,11 +272,14 @@ class Updater:
     async def _wait_for_chunks(self, target: str, had: int) -> bool:
         """Wait for the requested window (or a stall, or an error); True when anything new arrived."""
         deadline = time.monotonic() + self.settings.update.request_timeout
+        asked_on = self.transport.connects
         while True:
             self._chunk_arrived.clear()
             have = len(self.store.stored_chunks(target))
             remaining = deadline - time.monotonic()
             window_done = have - had >= self.settings.update.window
+            if self.transport.connects != asked_on:
+                return True  # reconnected since we asked: what was in flight is lost, ask again now
             if self._server_error is not None or self._complete(target) or window_done or remaining <= 0:
                 return have > had
             with contextlib.suppress(TimeoutError):
