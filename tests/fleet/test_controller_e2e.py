@@ -209,6 +209,7 @@ def test_health_silence_after_the_update_is_failure_and_rolls_back(fleet: Fleet)
         detected = time.monotonic() - silenced
     finally:
         canary.process.send_signal(signal.SIGCONT)
+    print(f"health silence -> rollout aborting after {detected:.2f}s (health_timeout 4s)")  # read with -s
     assert detected < 4 + 1 + 2, f"silence detected after {detected:.1f}s with health_timeout 4s"
     fleet.wait_rollout(rollout, {"aborted"})
     wait_until(lambda: fleet.version("gw-e1") == "1.0.0", 60, "canary rolled back to 1.0.0")
