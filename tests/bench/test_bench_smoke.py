@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench import assert_numbers, lookup, run_bench
 
 # Every measurement the bench must report as a number; targets are deliberately not asserted.
 NUMERIC_KEYS = (
@@ -54,26 +47,11 @@ NUMERIC_KEYS = (
 )
 
 
-def lookup(document: dict[str, Any], dotted: str) -> Any:
-    value: Any = document
-    for part in dotted.split("."):
-        assert isinstance(value, dict) and part in value, f"missing {dotted!r} (at {part!r})"
-        value = value[part]
-    return value
-
-
 @pytest.mark.timeout(60)
 def test_agent_idle_bench_reports_every_number() -> None:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto mosquitto-clients; .ci/run does)")
     # A 1 s heartbeat so the short window still sees heartbeats; one reconnect round keeps it under 20 s.
-    command = [sys.executable, str(REPO / "bench" / "agent_idle.py"), "--duration", "3", "--heartbeat-interval", "1"]
-    command += ["--settle", "0.5", "--rounds", "1", "--outage", "1.2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=45, cwd=REPO, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    document = json.loads(done.stdout)
-    for key in NUMERIC_KEYS:
-        value = lookup(document, key)
-        assert isinstance(value, int | float) and not isinstance(value, bool), f"{key} = {value!r} is not a number"
+    quick = ["--duration", "3", "--heartbeat-interval", "1", "--settle", "0.5", "--rounds", "1", "--outage", "1.2"]
+    document = run_bench("agent_idle.py", *quick, timeout=45)
+    assert_numbers(document, NUMERIC_KEYS)
     assert lookup(document, "wire.heartbeats_in_window") > 0
     assert len(lookup(document, "reconnect.reconnect_to_applied.samples_ms")) == 1

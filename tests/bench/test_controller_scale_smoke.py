@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench import assert_numbers, lookup, run_bench
 
 INGEST_KEYS = (
     "offered_rate_per_s",
@@ -81,25 +74,10 @@ BOOLEAN_KEYS = (
 )
 
 
-def lookup(document: dict[str, Any], dotted: str) -> Any:
-    value: Any = document
-    for part in dotted.split("."):
-        assert isinstance(value, dict) and part in value, f"missing {dotted!r} (at {part!r})"
-        value = value[part]
-    return value
-
-
 @pytest.mark.timeout(90)
 def test_controller_scale_bench_reports_every_number() -> None:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto mosquitto-clients; .ci/run does)")
-    command = [sys.executable, str(REPO / "bench" / "controller_scale.py"), "--quick"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=80, cwd=REPO, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    document = json.loads(done.stdout)
-    for key in NUMERIC_KEYS:
-        value = lookup(document, key)
-        assert isinstance(value, int | float) and not isinstance(value, bool), f"{key} = {value!r} is not a number"
+    document = run_bench("controller_scale.py", "--quick", timeout=80)
+    assert_numbers(document, NUMERIC_KEYS)
     for key in BOOLEAN_KEYS:
         assert isinstance(lookup(document, key), bool), f"{key} is not a boolean"
     # Plumbing, not performance: every node became known and every desired state arrived.

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench import assert_numbers, lookup, run_bench
 
 # Every measurement the bench must report as a number; targets are deliberately not asserted.
 NUMERIC_KEYS = (
@@ -49,25 +42,10 @@ NUMERIC_KEYS = (
 )
 
 
-def lookup(document: dict[str, Any], dotted: str) -> Any:
-    value: Any = document
-    for part in dotted.split("."):
-        assert isinstance(value, dict) and part in value, f"missing {dotted!r} (at {part!r})"
-        value = value[part]
-    return value
-
-
 @pytest.mark.timeout(120)
 def test_update_transfer_bench_reports_every_number() -> None:
-    if shutil.which("mosquitto") is None:
-        pytest.fail("mosquitto is not installed (apt-get install mosquitto mosquitto-clients; .ci/run does)")
-    command = [sys.executable, str(REPO / "bench" / "update_transfer.py"), "--quick"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    document = json.loads(done.stdout)
-    for key in NUMERIC_KEYS:
-        value = lookup(document, key)
-        assert isinstance(value, int | float) and not isinstance(value, bool), f"{key} = {value!r} is not a number"
+    document = run_bench("update_transfer.py", "--quick", timeout=115)
+    assert_numbers(document, NUMERIC_KEYS)
     for run in ("cut_every_512_kib", "cut_every_768_kib"):
         assert isinstance(lookup(document, f"resent_after_cuts.{run}.completed"), bool)
     assert isinstance(lookup(document, "agent_peak_rss.within_target"), bool)
