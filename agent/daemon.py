@@ -170,10 +170,11 @@ class Agent:
             "commands": self._execute_commands_forever(),
             "config-watch": self._watch_config_forever(),
             "health": self.health.run(),
-            "updates": self.updater.run(),
         }
         if self.supervisor is not None:
             jobs["workload"] = self.supervisor.run()
+        # After the workload: a health window re-run after a crash should watch a started workload.
+        jobs["updates"] = self.updater.run()
         interval = sdnotify.watchdog_interval()
         if interval is not None:
             jobs["watchdog"] = sdnotify.feed_watchdog_forever(interval)

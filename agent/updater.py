@@ -5,6 +5,14 @@ Layout under ``state_dir``::
     releases/<version>/             unpacked release; .fleet/payload.tar and .fleet/manifest.json beside it
     current -> releases/<version>   the running release; switched with one rename (atomic)
     downloads/<target-hex>.part     artifact being fetched; verified chunks are listed in agent.db
+    downloads/<target-hex>.payload  the payload decoded from it, moved into the release once unpacked
+
+The artifact comes over MQTT (``artifact/req`` / ``artifact/chunk``) or, when the desired release
+names a URL and no delta applies, over HTTPS with Range requests (``agent.https_source``); both
+fill the same ``.part`` file and chunk records, so either resumes what the other started, and a
+failing HTTPS source falls back to MQTT. Memory stays flat: the artifact is hashed and decoded from
+file to file in blocks and the tar is unpacked from the payload file (only a delta's base payload
+is held whole, as zstd's dictionary).
 
 Crash safety: the phase of an update is in agent.db, each chunk is fsynced before it is recorded,
 a release directory is complete before it gets its final name, and agent.db says which release
@@ -19,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,6 +41,7 @@ from typing import Any
 from agent import failpoints
 from agent.config import AgentSettings
 from agent.files import write_atomically
+from agent.https_source import RangeClient, SourceError, check_url, tls_context
 from agent.probes import HealthMonitor
 from agent.store import Download, Store
 from agent.transport import Inbound, Transport
@@ -167,7 +175,7 @@ class Updater:
             release = self._installed(target)
             if release is None:
                 self._save_phase("downloading", target, generation)
-                payload = await self._fetch_payload(target)
+                payload = await self._fetch_payload(target)  # a file under downloads/
                 self._save_phase("installing", target, generation)
                 self.hooks.report(UpdateState.INSTALLING, f"installing {target.version}", None)
                 release = self._install(target, manifest, payload)
@@ -214,16 +222,23 @@ class Updater:
     def _part_path(self, target: str) -> Path:
         return self.root / "downloads" / f"{digest_hex(target)}.part"
 
+    def _payload_path(self, target: str) -> Path:
+        return self.root / "downloads" / f"{digest_hex(target)}.payload"
+
     def _delta_base(self, target: ReleaseRef) -> str | None:
         current = self.current()
         if current is None or current.digest not in target.delta_bases:
             return None
         return current.digest if (current.directory / ".fleet" / "payload.tar").is_file() else None
 
-    async def _fetch_payload(self, target: ReleaseRef) -> bytes:
+    async def _fetch_payload(self, target: ReleaseRef) -> Path:
         base = self._delta_base(target)
+        https = base is None and self._https_usable(target)
         for attempt in range(1, self.settings.update.max_failures + 1):
-            await self._download(target, base)
+            if https:
+                https = await self._download_https(target)
+            if not https:
+                await self._download(target, base)
             failpoints.hit("update.downloaded")
             try:
                 return self._decode_artifact(target)
@@ -235,9 +250,71 @@ class Updater:
                 self.store.forget_download(target.digest)
                 self._part_path(target.digest).unlink(missing_ok=True)
                 base = None  # a delta that went wrong once is not tried again
+                if https:  # the same URL would serve the same wrong bytes
+                    self._fall_back(target, f"artifact from {target.url} refused: {exc}")
+                    https = False
         raise UpdateFailed(
             f"artifact for {target.version} failed verification {self.settings.update.max_failures} times"
         )
+
+    # ---- download over HTTPS ---------------------------------------------------------------
+
+    def _https_usable(self, target: ReleaseRef) -> bool:
+        if target.url is None:
+            return False
+        if target.artifact_size is None or target.artifact_digest is None:
+            self._fall_back(target, f"{target.url}: the desired release lacks artifact_size/artifact_digest")
+            return False
+        try:
+            check_url(target.url)
+        except SourceError as exc:
+            self.hooks.event("https_refused", str(exc), {"version": target.version})
+            self._fall_back(target, str(exc))
+            return False
+        return True
+
+    def _fall_back(self, target: ReleaseRef, reason: str) -> None:
+        log.warning("%s: HTTPS source of %s unusable (%s); downloading over MQTT", self.node, target.version, reason)
+        self.hooks.event("https_fallback", reason, {"version": target.version, "url": target.url})
+
+    async def _download_https(self, target: ReleaseRef) -> bool:
+        """Fetch the missing chunks of the full artifact with Range requests; False when the source
+        failed ``max_failures`` times in a row (the caller falls back to MQTT)."""
+        assert target.url is not None and target.artifact_size is not None and target.artifact_digest is not None
+        wanted = Download(
+            target.digest,
+            None,
+            "sha256:" + digest_hex(target.artifact_digest),  # the release server's spelling: MQTT can resume
+            target.artifact_size,
+            -(-target.artifact_size // target.chunk_size),
+        )
+        self._start_download(wanted)
+        self._last_progress_report = 0.0
+        ca = self.settings.tls.ca if self.settings.tls is not None else None
+        client = RangeClient(target.url, timeout=self.settings.update.request_timeout, context=tls_context(ca))
+        failures = 0
+        try:
+            while not self._complete(target.digest):
+                index = _first_missing(self.store.stored_chunks(target.digest), wanted.total)
+                start = index * target.chunk_size
+                length = min(target.chunk_size, wanted.size - start)
+                try:
+                    data = await asyncio.to_thread(client.fetch, start, length, wanted.size)
+                except SourceError as exc:
+                    failures += 1
+                    self.hooks.event("download_error", str(exc), {"version": target.version, "source": "https"})
+                    if failures >= self.settings.update.max_failures:
+                        self._fall_back(target, f"{failures} failures in a row, last: {exc}")
+                        return False
+                    await asyncio.sleep(min(8.0, 0.5 * 2.0**failures))
+                    continue
+                failures = 0
+                self._keep_chunk(target.digest, index, data, target.chunk_size, wanted.total)
+        finally:
+            client.close()
+        return True
+
+    # ---- download over MQTT ----------------------------------------------------------------
 
     async def _download(self, target: ReleaseRef, base: str | None) -> None:
         self._downloading = target
@@ -302,25 +379,31 @@ class Updater:
             )
             self.hooks.event("chunk_refused", f"chunk {chunk.index} digest mismatch", {"index": chunk.index})
             return
-        download = self.store.download(chunk.digest)
         wanted = Download(chunk.digest, chunk.base, chunk.artifact, chunk.size, chunk.total)
-        if download != wanted:
-            # First chunk, or the server now sends another artifact (e.g. full instead of delta).
-            self.store.start_download(wanted)
-            self._part_path(chunk.digest).unlink(missing_ok=True)
+        self._start_download(wanted)
         if chunk.index in self.store.stored_chunks(chunk.digest):
             return
-        self._write_chunk(chunk, downloading.chunk_size)
-        self.store.chunk_stored(chunk.digest, chunk.index)
-        failpoints.hit("update.chunk_stored")
-        self._maybe_report_progress(chunk.digest, chunk.total)
+        self._keep_chunk(chunk.digest, chunk.index, chunk.data, downloading.chunk_size, chunk.total)
 
-    def _write_chunk(self, chunk: ArtifactChunk, chunk_size: int) -> None:
-        path = self._part_path(chunk.digest)
+    def _start_download(self, wanted: Download) -> None:
+        """Record the artifact being fetched, keeping the chunks on disk only if they are of it."""
+        if self.store.download(wanted.target) != wanted:
+            # First chunk, or another artifact now (full instead of delta, or a rebuilt one).
+            self.store.start_download(wanted)
+            self._part_path(wanted.target).unlink(missing_ok=True)
+
+    def _keep_chunk(self, target: str, index: int, data: bytes, chunk_size: int, total: int) -> None:
+        self._write_chunk(target, index, data, chunk_size)
+        self.store.chunk_stored(target, index)
+        failpoints.hit("update.chunk_stored")
+        self._maybe_report_progress(target, total)
+
+    def _write_chunk(self, target: str, index: int, data: bytes, chunk_size: int) -> None:
+        path = self._part_path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            os.pwrite(fd, chunk.data, chunk.index * chunk_size)
+            os.pwrite(fd, data, index * chunk_size)
             os.fsync(fd)  # on disk before it is recorded: a crash never records a chunk that is not there
         finally:
             os.close(fd)
@@ -333,21 +416,44 @@ class Updater:
         self._last_progress_report = now
         self.hooks.report(UpdateState.DOWNLOADING, f"chunk {done}/{total}", done / total)
 
-    def _decode_artifact(self, target: ReleaseRef) -> bytes:
-        from fleet.protocol.artifacts import apply_delta, decompress_full
+    def _decode_artifact(self, target: ReleaseRef) -> Path:
+        """Check the assembled artifact and decode it to the payload file, in blocks (flat memory)."""
+        from fleet.protocol.artifacts import apply_delta_stream, decompress_full_stream, sha256_stream
 
         self.hooks.report(UpdateState.VERIFYING, f"verifying {target.version}", None)
         download = self.store.download(target.digest)
         assert download is not None
-        artifact = self._part_path(target.digest).read_bytes()[: download.size]
-        if hashlib.sha256(artifact).hexdigest() != digest_hex(download.artifact):
-            raise InvalidMessage("the assembled artifact does not match its digest", field="artifact")
+        part, payload = self._part_path(target.digest), self._payload_path(target.digest)
+        with part.open("rb") as artifact:
+            # Chunks only ever land inside the artifact, so a longer file is not this artifact.
+            if os.fstat(artifact.fileno()).st_size != download.size:
+                raise InvalidMessage("the assembled artifact is not of its recorded size", field="artifact")
+            if digest_hex(sha256_stream(artifact)) != digest_hex(download.artifact):
+                raise InvalidMessage("the assembled artifact does not match its digest", field="artifact")
+            artifact.seek(0)
+            base = self._delta_base_payload(download)
+            # 0o600 like every release payload.tar (it is renamed into the release, never copied).
+            with open(os.open(payload, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+                try:
+                    if base is None:
+                        decompress_full_stream(artifact, out, target.digest, target.size)
+                    else:
+                        apply_delta_stream(base, artifact, out, target.digest, target.size)
+                except InvalidMessage:
+                    payload.unlink(missing_ok=True)
+                    raise
+                out.flush()
+                os.fsync(out.fileno())  # it becomes the release's payload.tar by a rename
+        return payload
+
+    def _delta_base_payload(self, download: Download) -> bytes | None:
+        """The base payload a delta applies to (whole in memory: zstd needs its dictionary), or None."""
         if download.base is None:
-            return decompress_full(artifact, target.digest)
+            return None
         current = self.current()
         if current is None or current.digest != download.base:
             raise InvalidMessage("the delta's base release is no longer installed", field="base")
-        return apply_delta((current.directory / ".fleet" / "payload.tar").read_bytes(), artifact, target.digest)
+        return (current.directory / ".fleet" / "payload.tar").read_bytes()
 
     # ---- install and switch ----------------------------------------------------------------
 
@@ -356,19 +462,22 @@ class Updater:
         release = self._release(target.version)
         return release if release is not None and release.digest == target.digest else None
 
-    def _install(self, target: ReleaseRef, manifest: dict[str, Any], payload: bytes) -> Release:
+    def _install(self, target: ReleaseRef, manifest: dict[str, Any], payload: Path) -> Release:
         releases = self.root / "releases"
         final = releases / target.version
         staging = releases / f".{target.version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / ".fleet").mkdir(parents=True)
         try:
-            with tarfile.open(fileobj=io.BytesIO(payload)) as archive:
+            # From the file, member by member: the payload is never in memory as a whole.
+            with tarfile.open(payload, mode="r:") as archive:
                 archive.extractall(staging, filter="data")
         except (tarfile.TarError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            payload.unlink(missing_ok=True)
             raise UpdateFailed(f"cannot unpack {target.version}: {exc}") from exc
-        write_atomically(staging / ".fleet" / "payload.tar", payload, mode=0o600)
+        # Moved, not copied (same file system, fsynced when decoded): kept as the next delta's base.
+        os.replace(payload, staging / ".fleet" / "payload.tar")
         write_atomically(staging / ".fleet" / "manifest.json", json.dumps(manifest, sort_keys=True).encode())
         _fsync_tree(staging)
         failpoints.hit("update.unpacked")
@@ -479,9 +588,12 @@ class Updater:
         for directory in releases.iterdir():
             if directory.name not in keep:
                 shutil.rmtree(directory, ignore_errors=True)
-        for part in (self.root / "downloads").glob("*.part") if (self.root / "downloads").is_dir() else []:
+        downloads = self.root / "downloads"
+        for part in downloads.glob("*.part") if downloads.is_dir() else []:
             if self.store.download("sha256:" + part.stem) is None:
                 part.unlink(missing_ok=True)
+        for payload in downloads.glob("*.payload") if downloads.is_dir() else []:
+            payload.unlink(missing_ok=True)  # decoded, then the crash came before the unpack; no update runs now
 
     # ---- crash recovery --------------------------------------------------------------------
 

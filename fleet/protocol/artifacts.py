@@ -5,6 +5,11 @@ lives in ``fleet.protocol``: no file access, bytes in and bytes out; :func:`deco
 :func:`apply_delta` check the result's sha256. zstandard is imported here only: the agent imports
 this module lazily, when an update starts.
 
+The ``*_stream`` variants do the same from one open binary file to another in fixed-size blocks,
+hashing as they go, so a device never holds the artifact or the payload in memory (only a delta's
+base payload, which zstd needs whole as its dictionary). They also bound the output to the size the
+signed manifest promises: a forged frame cannot fill the disk.
+
 A delta is the target payload compressed with the base payload as a raw-content dictionary and
 long-distance matching (what ``zstd --patch-from`` does), with a window that spans both payloads so
 matches anywhere in the base stay reachable. Both sides always work on *uncompressed* payloads:
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import BinaryIO
 
 import zstandard
 
@@ -32,6 +38,8 @@ class ArtifactMismatch(InvalidMessage):
 
 FULL_LEVEL = 19
 DELTA_LEVEL = 19
+BLOCK = 256 * 1024
+"""Streaming block size: large enough to be fast, small next to any artifact worth streaming."""
 
 
 def sha256_digest(data: bytes) -> str:
@@ -90,6 +98,65 @@ def apply_delta(base_payload: bytes, delta: bytes, expected_digest: str) -> byte
         raise ArtifactMismatch(f"delta does not apply to this base: {exc}", field="delta") from exc
     _check_digest(payload, expected_digest, what="delta applied to its base")
     return payload
+
+
+def sha256_stream(source: BinaryIO, limit: int | None = None) -> str:
+    """``sha256:<hex>`` of ``source`` from its position to EOF, or of its next ``limit`` bytes."""
+    digest = hashlib.sha256()
+    remaining = limit
+    while remaining is None or remaining > 0:
+        block = source.read(BLOCK if remaining is None else min(BLOCK, remaining))
+        if not block:
+            break
+        digest.update(block)
+        if remaining is not None:
+            remaining -= len(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def decompress_full_stream(artifact: BinaryIO, out: BinaryIO, expected_digest: str, expected_size: int) -> None:
+    """:func:`decompress_full` from file to file; ``ArtifactMismatch`` unless the output is exactly
+    ``expected_size`` bytes hashing to ``expected_digest``."""
+    _stream(zstandard.ZstdDecompressor(), artifact, out, expected_digest, expected_size, what="full artifact")
+
+
+def apply_delta_stream(
+    base_payload: bytes, delta: BinaryIO, out: BinaryIO, expected_digest: str, expected_size: int
+) -> None:
+    """:func:`apply_delta` from file to file (the base stays in memory: it is zstd's dictionary)."""
+    # The window make_delta used is bounded by base + target; the target size is the signed one.
+    max_window = 1 << _window_log(len(base_payload) + expected_size)
+    decompressor = zstandard.ZstdDecompressor(dict_data=_raw_dictionary(base_payload), max_window_size=max_window)
+    _stream(decompressor, delta, out, expected_digest, expected_size, what="delta applied to its base")
+
+
+def _stream(
+    decompressor: zstandard.ZstdDecompressor,
+    source: BinaryIO,
+    out: BinaryIO,
+    expected_digest: str,
+    expected_size: int,
+    *,
+    what: str,
+) -> None:
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with decompressor.stream_reader(source, read_size=BLOCK, closefd=False) as reader:
+            while block := reader.read(BLOCK):
+                written += len(block)
+                if written > expected_size:
+                    raise ArtifactMismatch(f"{what} decodes to more than {expected_size} bytes", field="size")
+                digest.update(block)
+                out.write(block)
+    except zstandard.ZstdError as exc:
+        # A delta made against another base usually fails here (dictionary id or checksum).
+        raise ArtifactMismatch(f"{what} is not a valid zstd frame for this payload: {exc}", field="artifact") from exc
+    if digest.hexdigest() != digest_hex(expected_digest):
+        raise ArtifactMismatch(
+            f"{what} decodes to sha256:{digest.hexdigest()}, expected sha256:{digest_hex(expected_digest)}",
+            field="digest",
+        )
 
 
 def _raw_dictionary(base_payload: bytes) -> zstandard.ZstdCompressionDict:

@@ -89,6 +89,12 @@ class ReleaseRef(Message):
     # The signed release manifest (fleet.releases): the agent verifies it with the release key and
     # takes entry point and health probe from it. Optional only for config-only desired states.
     manifest: dict[str, Any] | None = None
+    # An HTTPS source of the full zstd artifact (a CDN, or the release store served as files): the
+    # agent fetches it with Range requests when no delta applies, and falls back to MQTT when it
+    # fails. Size and digest are of the artifact file (the payload digest above is checked too).
+    url: str | None = Field(default=None, min_length=1, max_length=2048)
+    artifact_size: int | None = Field(default=None, gt=0)
+    artifact_digest: Digest | None = None
 
 
 class ProbeSpec(Message):

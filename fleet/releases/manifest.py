@@ -67,9 +67,30 @@ class ReleaseManifest(BaseModel):
         """``name@version``, the spelling the CLI takes."""
         return f"{self.name}@{self.version}"
 
-    def ref(self, delta_bases: Sequence[str] = ()) -> ReleaseRef:
+    def ref(
+        self, delta_bases: Sequence[str] = (), base_url: str | None = None, *, artifact_file: Path | None = None
+    ) -> ReleaseRef:
         """What a desired-state document carries to fetch and verify this release (the signed
-        manifest travels along: the agent checks it with the release key)."""
+        manifest travels along: the agent checks it with the release key).
+
+        With ``base_url`` (where the store directory is served over HTTPS) the ref also names the
+        full artifact's URL, size and digest, so agents can fetch it with Range requests. The
+        manifest does not know where it is stored, so the caller passes ``artifact_file``
+        (``ReleaseStore.artifact_path(manifest)``); it is hashed here in blocks, once per call (a
+        few ms per MiB): build the ref once per rollout and reuse it (it is immutable).
+        """
+        source: dict[str, Any] = {}
+        if base_url is not None:
+            if artifact_file is None:
+                raise ValueError("ref(base_url=...) needs artifact_file to describe the artifact")
+            from fleet.protocol.artifacts import sha256_stream
+
+            with artifact_file.open("rb") as artifact:
+                source = {
+                    "url": base_url.rstrip("/") + f"/{self.name}/{self.version}/payload.tar.zst",
+                    "artifact_size": artifact_file.stat().st_size,
+                    "artifact_digest": sha256_stream(artifact),
+                }
         return ReleaseRef(
             name=self.name,
             version=self.version,
@@ -79,6 +100,7 @@ class ReleaseManifest(BaseModel):
             chunk_digests=list(self.chunk_digests),
             delta_bases=list(delta_bases),
             manifest=self.document(),
+            **source,
         )
 
     def document(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 import urllib.request
@@ -14,11 +15,20 @@ import pytest
 from certs import issue_controller
 from fleet.mqtt import FleetMqtt, TlsIdentity
 from fleet.protocol.codec import decode, encode
-from fleet.protocol.messages import ArtifactChunk, ArtifactRequest, DesiredState, Event, ProbeSpec, Reported
+from fleet.protocol.messages import (
+    ArtifactChunk,
+    ArtifactRequest,
+    DesiredState,
+    Event,
+    ProbeSpec,
+    ReleaseRef,
+    Reported,
+)
 from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, node_topic
 from fleet.release_server import ReleaseServer, ReleaseService
 from fleet.releases import ReleaseManifest, ReleaseStore, build_release
+from tests.agent.test_https_source import RangeServer
 from tests.agentproc import AgentProcess
 from tests.apps import app_tree
 from tests.conftest import Pki, free_port
@@ -108,7 +118,7 @@ def make_agent(endpoint: Endpoint, pki: Pki, workdir: Path, releases: Releases, 
             "env": {"APP_PORT": str(releases.port), "MARKER": str(workdir / "versions")},
             "restart_backoff": {"initial": "200ms", "maximum": "1s", "jitter": 0},
         },
-        update={"window": 4, "request_timeout": "3s", "health_grace": "1s"},
+        update={"window": 4, "request_timeout": "3s", "health_grace": "3s"},  # app start on a busy CI box
         **extra,
     )
     return agent
@@ -118,6 +128,23 @@ def set_desired(endpoint: Endpoint, pki: Pki, generation: int, manifest: Release
     desired = DesiredState(generation=generation, release=manifest.ref(delta_bases=bases))
     with connected(endpoint, pki.controller()) as controller:
         controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), retain=True)
+
+
+def set_desired_ref(endpoint: Endpoint, pki: Pki, generation: int, ref: ReleaseRef) -> None:
+    with connected(endpoint, pki.controller()) as controller:
+        desired = DesiredState(generation=generation, release=ref)
+        controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), retain=True)
+
+
+@pytest.fixture
+def cdn(pki: Pki, releases: Releases) -> Iterator[RangeServer]:
+    """The release store served over HTTPS with Range support (a CDN in front of the store)."""
+    with RangeServer(releases.store.root, pki.paths.server_cert, pki.paths.server_key) as server:
+        yield server
+
+
+def https_ref(cdn: RangeServer, releases: Releases, manifest: ReleaseManifest) -> ReleaseRef:
+    return manifest.ref(base_url=cdn.base_url + "/", artifact_file=releases.store.artifact_path(manifest))
 
 
 def wait_reported(watcher: MqttClient, state: str, version: str | None = None, timeout: float = 60) -> Reported:
@@ -295,5 +322,49 @@ def test_kill9_at_every_step_ends_on_one_consistent_release(
         total = -(-releases.store.artifact_path(releases.v2).stat().st_size // CHUNK)
         sent = release_service.service.stats().chunks_sent - chunks_before
         assert sent <= total + 4, f"resumed, not restarted: {sent} chunks for {total}"
+    finally:
+        agent.stop()
+
+
+# ---- the HTTPS source (no release service running: MQTT transfer cannot be what happened) -------
+
+
+def test_update_over_https_range_requests_without_the_release_service(
+    embedded: Endpoint, pki: Pki, tmp_path: Path, releases: Releases, cdn: RangeServer, watcher: MqttClient
+) -> None:
+    agent = make_agent(embedded, pki, tmp_path / "agent", releases)
+    ref = https_ref(cdn, releases, releases.v1)
+    artifact = releases.store.artifact_path(releases.v1).read_bytes()
+    assert ref.url == f"{cdn.base_url}/app/1.0.0/payload.tar.zst"
+    assert (ref.artifact_size, ref.artifact_digest) == (len(artifact), "sha256:" + hashlib.sha256(artifact).hexdigest())
+    try:
+        agent.start()
+        set_desired_ref(embedded, pki, 1, ref)
+        wait_reported(watcher, "healthy", "1.0.0")
+        assert serving(releases.port) == "1.0.0"
+        total = -(-releases.store.artifact_path(releases.v1).stat().st_size // CHUNK)
+        assert [start for _path, start, _end in cdn.control.ranges] == [i * CHUNK for i in range(total)]
+        assert not events(watcher, "https_fallback")
+    finally:
+        agent.stop()
+
+
+def test_kill9_mid_https_download_resumes_over_https(
+    embedded: Endpoint, pki: Pki, tmp_path: Path, releases: Releases, cdn: RangeServer, watcher: MqttClient
+) -> None:
+    agent = make_agent(embedded, pki, tmp_path / "agent", releases)
+    try:
+        agent.start(failpoints="update.chunk_stored")
+        set_desired_ref(embedded, pki, 1, https_ref(cdn, releases, releases.v1))
+        assert agent.wait_exit(60) == -9
+        before = len(cdn.control.ranges)
+        assert before >= 1
+        agent.start()
+        wait_reported(watcher, "healthy", "1.0.0")
+        assert serving(releases.port) == "1.0.0"
+        resumed = [start for _path, start, _end in cdn.control.ranges[before:]]
+        # Chunk 0 was fsynced and recorded before the kill: the restart asks from chunk 1 on.
+        total = -(-releases.store.artifact_path(releases.v1).stat().st_size // CHUNK)
+        assert resumed == [i * CHUNK for i in range(1, total)]
     finally:
         agent.stop()

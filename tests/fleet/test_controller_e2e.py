@@ -149,7 +149,7 @@ def fleet(embedded: Endpoint, pki: Pki, tmp_path: Path) -> Iterator[Fleet]:
                     "env": {"APP_PORT": str(ports[node]), "MARKER": str(tmp_path / node / "versions")},
                     "restart_backoff": {"initial": "200ms", "maximum": "1s", "jitter": 0},
                 },
-                update={"window": 8, "request_timeout": "3s", "health_grace": "1s"},
+                update={"window": 8, "request_timeout": "3s", "health_grace": "3s"},
             )
             agents[node] = agent.start()
         result = Fleet(controller, agents, ports)
