@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PKI ?= ./pki
 LISTEN ?= 127.0.0.1:8883
 
-.PHONY: setup run test lint unit clean
+.PHONY: setup run broker test lint unit clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,8 +14,13 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# The main job: a mutual-TLS broker with freshly generated certificates, ready for agents.
+# The main job: the whole system on one machine (PKI, embedded broker, controller, real agents,
+# three staged rollouts including a bad release that is rolled back), then a summary; exit 0 = all good.
 run: setup
+	$(BIN)/fleet demo
+
+# A mutual-TLS broker with freshly generated certificates, ready for agents.
+broker: setup
 	@test -f $(PKI)/ca.pem || $(BIN)/fleet certs init $(PKI)
 	@test -f $(PKI)/devices/gw-0001/cert.pem || $(BIN)/fleet certs device $(PKI) gw-0001
 	$(BIN)/fleet broker --certs $(PKI) --listen $(LISTEN)

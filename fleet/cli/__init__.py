@@ -28,7 +28,16 @@ def _register_subcommands() -> None:
     if _registered:
         return
     _registered = True
-    from fleet.cli import broker_cmd, certs_cmd, controller_cmd, ops_cmd, release_cmd, serve_cmd, watch_cmd
+    from fleet.cli import (
+        broker_cmd,
+        certs_cmd,
+        controller_cmd,
+        demo_cmd,
+        ops_cmd,
+        release_cmd,
+        serve_cmd,
+        watch_cmd,
+    )
 
     app.add_typer(certs_cmd.app, name="certs")
     app.command("broker")(broker_cmd.broker)
@@ -40,12 +49,14 @@ def _register_subcommands() -> None:
     app.command("send")(ops_cmd.send)
     app.add_typer(ops_cmd.rollout_app, name="rollout")
     app.command("watch")(watch_cmd.watch)
+    app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection and plugin load at INFO; the fleet's own lines say what matters.
-    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    for chatty in ("amqtt", "httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     _register_subcommands()
     try:
         app()
