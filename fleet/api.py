@@ -39,6 +39,7 @@ from fleet.facade import (
     NotFound,
     RolloutRequest,
     RolloutView,
+    parse_selector,
 )
 from fleet.protocol.errors import ConfigError, FleetError, InvalidMessage, Rejected, TransportError
 
@@ -79,25 +80,6 @@ class Health(BaseModel):
 
 
 # ---- selectors ---------------------------------------------------------------------------------
-
-
-def parse_selector(text: str | None) -> dict[str, str]:
-    """``ring=canary,site=plant-3`` as a dict; empty or missing selects every node.
-
-    The CLI keeps its own copy (fleet/cli/ops_cmd.py) so that ``fleet`` does not import FastAPI.
-    """
-    selector: dict[str, str] = {}
-    if not text:
-        return selector
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or not value:
-            raise BadRequest(f"selector {text!r}: expected key=value[,key=value...], got {part!r}")
-        if key in selector and selector[key] != value:
-            raise BadRequest(f"selector {text!r}: label {key!r} given twice")
-        selector[key] = value
-    return selector
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -154,3 +154,19 @@ class ControllerFacade(Protocol):
     def abort_rollout(self, rollout_id: str) -> RolloutView: ...
 
     def metrics(self) -> dict[str, float]: ...  # flat name -> value, rendered by the API as Prometheus text
+
+
+def parse_selector(text: str | None, what: str = "selector") -> dict[str, str]:
+    """``ring=canary,site=plant-3`` as a dict; empty or missing selects every node (API and CLI)."""
+    selector: dict[str, str] = {}
+    if not text:
+        return selector
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise BadRequest(f"{what} {text!r}: expected key=value[,key=value...], got {part!r}")
+        if key in selector and selector[key] != value:
+            raise BadRequest(f"{what} {text!r}: label {key!r} given twice")
+        selector[key] = value
+    return selector

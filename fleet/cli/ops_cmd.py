@@ -31,6 +31,7 @@ from rich.text import Text
 
 from fleet.cli import fail
 from fleet.facade import (
+    BadRequest,
     CommandView,
     NodeDetail,
     NodeOutcome,
@@ -40,6 +41,7 @@ from fleet.facade import (
     RolloutView,
     WaveView,
 )
+from fleet.facade import parse_selector as facade_parse_selector
 
 T = TypeVar("T")
 
@@ -81,16 +83,10 @@ def parse_duration(option: str, value: str) -> float:
 
 
 def parse_selector(option: str, text: str | None) -> dict[str, str]:
-    """``ring=canary,site=plant-3`` as a dict (same rules as the API's ``?selector=``)."""
-    selector: dict[str, str] = {}
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        key, sep, value = (piece.strip() for piece in part.partition("="))
-        if not sep or not key or not value:
-            fail(f"{option} {text!r}: expected key=value[,key=value...], got {part!r}")
-        selector[key] = value
-    return selector
+    try:
+        return facade_parse_selector(text, what=option)
+    except BadRequest as exc:
+        fail(str(exc))
 
 
 def parse_args(values: list[str] | None) -> dict[str, Any]:
