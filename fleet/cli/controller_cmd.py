@@ -35,6 +35,7 @@ def controller(
     stale_after: Annotated[float, typer.Option(help="seconds without heartbeat before a node is stale")] = 90.0,
     offline_after: Annotated[float, typer.Option(help="seconds without any message before offline")] = 300.0,
     max_transfers: Annotated[int, typer.Option(help="artifact requests served at once")] = 8,
+    rate_limit: Annotated[int | None, typer.Option(help="artifact bytes per second per device")] = None,
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM."""
     from fleet.api import create_app, serve_in_thread
@@ -52,6 +53,7 @@ def controller(
         stale_after=stale_after,
         offline_after=offline_after,
         max_transfers=max_transfers,
+        rate_limit=rate_limit,
     )
     try:
         service = Controller(settings)
