@@ -36,6 +36,7 @@ def _register_subcommands() -> None:
         ops_cmd,
         release_cmd,
         serve_cmd,
+        sim_cmd,
         watch_cmd,
     )
 
@@ -50,6 +51,7 @@ def _register_subcommands() -> None:
     app.add_typer(ops_cmd.rollout_app, name="rollout")
     app.command("watch")(watch_cmd.watch)
     app.command("demo")(demo_cmd.demo)
+    app.command("sim")(sim_cmd.sim)
 
 
 def main() -> None:
