@@ -110,6 +110,12 @@ class Controller:
             self.mqtt.subscribe(all_nodes_filter(channel), self._ingest)
         self.mqtt.subscribe(all_nodes_filter(Channel.ACK), self.commands.on_ack)
         self.mqtt.start()
+        # A desired state is committed before it is published; a crash (or a broker that lost its
+        # retained store) between the two would leave a node waiting forever. Publishing every
+        # stored document again is idempotent: agents ignore a generation they already applied.
+        republished = self.desired.republish_all()
+        if republished:
+            log.info("controller republished %d stored desired states", republished)
         self.release_service.start()
         self._ticker = threading.Thread(target=self._tick_forever, name="controller-tick", daemon=True)
         self._ticker.start()

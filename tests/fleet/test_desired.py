@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import certs
+from fleet.controller import Controller, ControllerSettings
 from fleet.db import Database
 from fleet.desired import DesiredPublisher
 from fleet.facade import NotFound
@@ -15,10 +16,10 @@ from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
 from fleet.protocol.codec import decode, decode_for_channel
 from fleet.protocol.errors import InvalidMessage, TransportError
 from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef, Reported
-from fleet.protocol.topics import Channel, all_nodes_filter
+from fleet.protocol.topics import Channel, all_nodes_filter, node_topic
 from tests.agentproc import AgentProcess
 from tests.conftest import Pki
-from tests.mqtt import Endpoint, wait_until
+from tests.mqtt import Endpoint, connected, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,3 +197,28 @@ def test_desired_state_reaches_a_real_agent(
         agent.kill9()
         mqtt.close()
         db.close()
+
+
+def test_controller_start_republishes_desired_state_stored_but_never_published(
+    embedded: Endpoint, pki: Pki, tmp_path: Path
+) -> None:
+    """A controller killed between committing a desired state and publishing it must not leave the
+    node waiting: the next start publishes every stored document again."""
+    database = tmp_path / "fleet.db"
+    crashed = DesiredPublisher(Database(database), lambda *_args: None)  # committed, never published
+    generation = crashed.publish_config("gw-b", {"mode": "eco"})
+    if not pki.paths.controller("ctl-republish").cert.exists():
+        certs.issue_controller(pki.paths, "ctl-republish")
+    settings = ControllerSettings(
+        pki=pki.paths, broker_host=embedded.host, broker_port=embedded.port, db=database,
+        store=tmp_path / "store", identity="ctl-republish",
+    )  # fmt: skip
+    controller = Controller(settings)
+    controller.start()
+    try:
+        with connected(embedded, pki.operator("alice")) as operator:
+            operator.subscribe(node_topic("gw-b", Channel.DESIRED))
+            message = operator.expect(lambda m: m.topic == node_topic("gw-b", Channel.DESIRED))
+            assert decode(message.topic, message.payload, DesiredState).generation == generation
+    finally:
+        controller.stop()
