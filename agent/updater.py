@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import shutil
-import tarfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from typing import Any
 from agent import failpoints
 from agent.config import AgentSettings
 from agent.files import write_atomically
-from agent.https_source import RangeClient, SourceError, check_url, tls_context
 from agent.probes import HealthMonitor
 from agent.store import Download, Store
 from agent.transport import Inbound, Transport
@@ -265,6 +263,8 @@ class Updater:
         if target.artifact_size is None or target.artifact_digest is None:
             self._fall_back(target, f"{target.url}: the desired release lacks artifact_size/artifact_digest")
             return False
+        from agent.https_source import SourceError, check_url  # idle agents never load http.client
+
         try:
             check_url(target.url)
         except SourceError as exc:
@@ -290,6 +290,8 @@ class Updater:
         )
         self._start_download(wanted)
         self._last_progress_report = 0.0
+        from agent.https_source import RangeClient, SourceError, tls_context
+
         ca = self.settings.tls.ca if self.settings.tls is not None else None
         client = RangeClient(target.url, timeout=self.settings.update.request_timeout, context=tls_context(ca))
         failures = 0
@@ -468,6 +470,8 @@ class Updater:
         staging = releases / f".{target.version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / ".fleet").mkdir(parents=True)
+        import tarfile  # only while installing: the idle agent does not carry it
+
         try:
             # From the file, member by member: the payload is never in memory as a whole.
             with tarfile.open(payload, mode="r:") as archive:
