@@ -17,6 +17,7 @@ import pytest
 from broker.embedded import BrokerSettings, Listener, ThreadedBroker
 from broker.render import default_options, render
 from certs import PkiPaths, init_pki, issue_controller, issue_device, issue_operator, revoke
+from fleet.mqtt import TlsIdentity
 from tests.mqtt import Credentials, Endpoint
 
 DEVICES = ("gw-a", "gw-b")
@@ -39,6 +40,14 @@ class Pki:
 
     def controller(self) -> Credentials:
         return Credentials(self.paths.ca_cert, self.paths.controller_cert, self.paths.controller_key)
+
+    def own_controller(self, name: str) -> TlsIdentity:
+        """A controller identity for one test module, issued on first use (the PKI is per session):
+        two connections with one certificate kick each other off, so modules must not share."""
+        client = self.paths.controller(name)
+        if not client.cert.exists():
+            issue_controller(self.paths, name)
+        return TlsIdentity(self.paths.ca_cert, client.cert, client.key)
 
     def foreign_device(self, node_id: str) -> Credentials:
         client = self.foreign.device(node_id)

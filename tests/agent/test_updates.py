@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from certs import issue_controller
-from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.mqtt import FleetMqtt
 from fleet.protocol.codec import decode, encode
 from fleet.protocol.messages import (
     ArtifactChunk,
@@ -89,8 +88,7 @@ class Service:
 
 @pytest.fixture
 def release_service(embedded: Endpoint, pki: Pki, releases: Releases) -> Iterator[Service]:
-    client = issue_controller(pki.paths, "updates-server", force=True)
-    mqtt = FleetMqtt(embedded.host, embedded.port, TlsIdentity(pki.paths.ca_cert, client.cert, client.key))
+    mqtt = FleetMqtt(embedded.host, embedded.port, pki.own_controller("updates-server"))
     mqtt.start()
     server = ReleaseServer(releases.store)
     service = ReleaseService(mqtt, server)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import certs
 from fleet.commands import ACK_FILTER, CommandTracker
 from fleet.db import Database
 from fleet.facade import BadRequest, NotFound
@@ -244,15 +243,11 @@ def test_a_new_tracker_on_the_same_file_resends_what_is_pending(
 
 # --- a real agent over both brokers -----------------------------------------------------------
 
-_issued: list[certs.ClientPaths] = []
-
 
 @pytest.fixture
 def controller_identity(pki: Pki) -> TlsIdentity:
     """A controller identity of our own: sharing controller.pem with other tests would kick both off."""
-    if not _issued:  # the PKI is session-scoped: issue once per session
-        _issued.append(certs.issue_controller(pki.paths, "ctl-commands", force=True))
-    return TlsIdentity(pki.paths.ca_cert, _issued[0].cert, _issued[0].key)
+    return pki.own_controller("ctl-commands")
 
 
 def test_a_command_sent_while_the_agent_is_down_is_done_exactly_once(

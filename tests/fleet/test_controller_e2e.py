@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from certs import issue_controller, issue_device
+from certs import issue_device
 from fleet.protocol.messages import ProbeSpec
 from fleet.protocol.signing import load_private_key
 from fleet.releases import build_release
@@ -50,8 +50,7 @@ class ControllerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        if not self.pki.paths.controller("ctl-e2e").cert.exists():
-            issue_controller(self.pki.paths, "ctl-e2e")
+        self.pki.own_controller("ctl-e2e")
         log = (self.workdir / "controller.log").open("ab")
         command = [
             sys.executable, "-m", "fleet", "controller", "--certs", str(self.pki.paths.root),

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-import certs
 from fleet.controller import Controller, ControllerSettings
 from fleet.db import Database
 from fleet.desired import DesiredPublisher
@@ -152,15 +151,11 @@ def test_invalid_node_ids_are_refused_before_anything_is_stored(publisher: Desir
 
 # --- a real agent over both brokers -----------------------------------------------------------
 
-_issued: list[certs.ClientPaths] = []
-
 
 @pytest.fixture
 def controller_identity(pki: Pki) -> TlsIdentity:
     """A controller identity of our own: sharing controller.pem with other tests would kick both off."""
-    if not _issued:  # the PKI is session-scoped: issue once per session
-        _issued.append(certs.issue_controller(pki.paths, "ctl-desired", force=True))
-    return TlsIdentity(pki.paths.ca_cert, _issued[0].cert, _issued[0].key)
+    return pki.own_controller("ctl-desired")
 
 
 def test_desired_state_reaches_a_real_agent(
@@ -207,8 +202,7 @@ def test_controller_start_republishes_desired_state_stored_but_never_published(
     database = tmp_path / "fleet.db"
     crashed = DesiredPublisher(Database(database), lambda *_args: None)  # committed, never published
     generation = crashed.publish_config("gw-b", {"mode": "eco"})
-    if not pki.paths.controller("ctl-republish").cert.exists():
-        certs.issue_controller(pki.paths, "ctl-republish")
+    pki.own_controller("ctl-republish")
     settings = ControllerSettings(
         pki=pki.paths, broker_host=embedded.host, broker_port=embedded.port, db=database,
         store=tmp_path / "store", identity="ctl-republish",

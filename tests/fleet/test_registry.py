@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import certs
 from fleet.db import Database
 from fleet.facade import NodeStatus, NotFound
 from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
@@ -262,15 +261,11 @@ def test_a_failed_flush_keeps_its_changes_for_the_next(registry: Registry, db_pa
 
 # --- a real agent over both brokers -----------------------------------------------------------
 
-_issued: list[certs.ClientPaths] = []
-
 
 @pytest.fixture
 def controller_identity(pki: Pki) -> TlsIdentity:
     """A controller identity of our own: sharing controller.pem with other tests would kick both off."""
-    if not _issued:  # the PKI is session-scoped: issue once per session
-        _issued.append(certs.issue_controller(pki.paths, "ctl-registry", force=True))
-    return TlsIdentity(pki.paths.ca_cert, _issued[0].cert, _issued[0].key)
+    return pki.own_controller("ctl-registry")
 
 
 def test_registry_follows_a_real_agent(

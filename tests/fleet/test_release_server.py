@@ -15,7 +15,6 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import certs
 from fleet.cli.serve_cmd import serve
 from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
 from fleet.protocol.artifacts import apply_delta, decompress_full
@@ -82,15 +81,10 @@ def releases(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Releases:
     )
 
 
-_issued: list[certs.ClientPaths] = []
-
-
 @pytest.fixture
 def service_identity(pki: Pki) -> TlsIdentity:
     """The service's own controller identity: sharing one with a test client would kick both off."""
-    if not _issued:  # the PKI is session-scoped: issue once per session
-        _issued.append(certs.issue_controller(pki.paths, "release-server", force=True))
-    return TlsIdentity(pki.paths.ca_cert, _issued[0].cert, _issued[0].key)
+    return pki.own_controller("release-server")
 
 
 @contextmanager
