@@ -107,7 +107,7 @@ class Controller:
 
     def start(self) -> None:
         for channel in INGEST_CHANNELS:
-            self.mqtt.subscribe(all_nodes_filter(channel), self._ingest)
+            self.mqtt.subscribe(all_nodes_filter(channel), self._ingest, replays=self._ingest_replay)
         self.mqtt.subscribe(all_nodes_filter(Channel.ACK), self.commands.on_ack)
         self.mqtt.start()
         # A desired state is committed before it is published; a crash (or a broker that lost its
@@ -158,6 +158,11 @@ class Controller:
 
     def _ingest(self, topic: str, payload: bytes) -> None:
         self.registry.on_message(topic, payload)
+        if topic.endswith("/" + Channel.REPORTED.value):
+            self._observe_generation(topic, payload)
+
+    def _ingest_replay(self, topic: str, payload: bytes) -> None:
+        self.registry.on_replay(topic, payload)
         if topic.endswith("/" + Channel.REPORTED.value):
             self._observe_generation(topic, payload)
 

@@ -112,7 +112,7 @@ class FleetMqtt:
         self.handler_errors = 0
         self.connects = 0
         self._lock = threading.Lock()
-        self._handlers: dict[str, tuple[int, Handler]] = {}
+        self._handlers: dict[str, tuple[int, Handler, Handler]] = {}
         self._last_error = "no answer yet"
         self._refused: str | None = None
         self._started = False
@@ -187,11 +187,16 @@ class FleetMqtt:
 
     # ---- subscriptions ---------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Deliver messages on ``topic_filter`` to ``handler``; kept across reconnects."""
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *, replays: Handler | None = None) -> None:
+        """Deliver messages on ``topic_filter`` to ``handler``; kept across reconnects.
+
+        ``replays``, when given, gets the retained messages the broker replays on (re)subscribing
+        instead: those are old news (a dead node's last words replay on every controller restart),
+        not signs of life.
+        """
         topic_matches(topic_filter, "x")  # refuses a malformed filter here, not at the broker
         with self._lock:
-            self._handlers[topic_filter] = (qos, handler)
+            self._handlers[topic_filter] = (qos, handler, replays or handler)
         if self.connected.is_set():
             self._send_subscribe([(topic_filter, qos)])
 
@@ -249,7 +254,7 @@ class FleetMqtt:
             log.warning("%s refused %s: %s", self.address, self.client_id, reason)
             return
         with self._lock:
-            filters = [(topic_filter, qos) for topic_filter, (qos, _handler) in self._handlers.items()]
+            filters = [(topic_filter, qos) for topic_filter, (qos, _handler, _replays) in self._handlers.items()]
         self._send_subscribe(filters)
         self.connects += 1
         self._refused = None
@@ -276,8 +281,14 @@ class FleetMqtt:
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
         payload = bytes(message.payload)
+        # The retain flag is set only on messages replayed from the broker's retained store.
+        replayed = bool(message.retain)
         with self._lock:
-            handlers = [handler for flt, (_qos, handler) in self._handlers.items() if topic_matches(flt, topic)]
+            handlers = [
+                replays if replayed else handler
+                for flt, (_qos, handler, replays) in self._handlers.items()
+                if topic_matches(flt, topic)
+            ]
         for handler in handlers:
             self._dispatch(handler, topic, payload)
 

@@ -176,6 +176,19 @@ class Registry:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Take one message from a node topic; bad input is logged and counted, never raised."""
+        self._take(topic, payload, replayed=False)
+
+    def on_replay(self, topic: str, payload: bytes) -> None:
+        """Take a retained message the broker replayed on subscribing (every controller start does).
+
+        It is the node's last word from some time ago, not a sign of life: it never refreshes
+        last_seen, and one that matches what the registry already holds changes nothing. Counting
+        it as fresh made every offline node look online for a moment after a controller restart,
+        so a rollout wave judged it "seen" and failed it instead of calling it unreachable.
+        """
+        self._take(topic, payload, replayed=True)
+
+    def _take(self, topic: str, payload: bytes, *, replayed: bool) -> None:
         try:
             node_id, channel, message = decode_for_channel(topic, payload, max_size=self.max_payload)
         except InvalidMessage as exc:
@@ -193,7 +206,11 @@ class Registry:
             if node is None:
                 node = self._nodes[node_id] = _Node(node_id, health=collections.deque(maxlen=self.history_limit))
                 log.info("registry: new node %s (first message on %s)", node_id, channel)
-            node.last_seen = now
+            elif replayed and _already_known(node, message):
+                self.counters["replays_known"] += 1
+                return
+            if not replayed:
+                node.last_seen = now
             handler(node, message, now)
             self._dirty.add(node_id)
 
@@ -411,3 +428,19 @@ def _health_detail(message: Health) -> str | None:
     if message.consecutive_failures:
         failing.append(f"{message.consecutive_failures} consecutive failures")
     return "; ".join(failing) or None
+
+
+def _already_known(node: _Node, message: Message) -> bool:
+    """Whether a replayed retained message says nothing the registry does not already hold."""
+    if isinstance(message, Reported):
+        return (
+            node.reported_ts is not None
+            and node.version == message.version
+            and node.previous_version == message.previous_version
+            and node.update_state == message.state.value
+            and node.generation == message.generation
+            and node.labels == dict(message.labels)
+        )
+    if isinstance(message, Status):
+        return node.status_ts is not None and node.connection == message.state
+    return False

@@ -117,6 +117,46 @@ def test_each_message_kind_updates_its_fields(registry: Registry, clock: Clock) 
     assert registry.counters["heartbeats"] == 1
 
 
+def replay(registry: Registry, node: str, message: Message, channel: Channel) -> None:
+    registry.on_replay(node_topic(node, channel), encode(message))
+
+
+def test_a_replayed_retained_message_is_not_a_sign_of_life(registry: Registry, clock: Clock) -> None:
+    """What every controller restart does: the broker replays the last will of an offline node."""
+    send(registry, "gw-a", reported(), Channel.REPORTED)
+    send(registry, "gw-a", Status(state="offline", ts=2.0), Channel.STATUS)
+    before = registry.node_view("gw-a")
+    clock.advance(600)
+    replay(registry, "gw-a", Status(state="offline", ts=2.0), Channel.STATUS)
+    replay(registry, "gw-a", reported(), Channel.REPORTED)
+    after = registry.node_view("gw-a")
+    assert after == before.model_copy(update={"status": NodeStatus.OFFLINE})
+    assert (after.last_seen, after.reported_ts) == (before.last_seen, before.reported_ts)
+    assert registry.counters["replays_known"] == 2
+
+
+def test_a_replay_that_says_something_new_is_applied_without_refreshing_last_seen(
+    registry: Registry, clock: Clock
+) -> None:
+    send(registry, "gw-a", reported(generation=3), Channel.REPORTED)
+    seen = registry.node_view("gw-a").last_seen
+    clock.advance(30)
+    replay(registry, "gw-a", reported(generation=4), Channel.REPORTED)  # reported while we were down
+    view = registry.node_view("gw-a")
+    assert view.generation == 4
+    assert view.reported_ts == clock.now  # news to us now: a rollout waiting on it must see it
+    assert view.last_seen == seen
+
+
+def test_a_node_known_only_from_replays_is_not_online(registry: Registry) -> None:
+    replay(registry, "gw-new", Status(state="online", ts=1.0), Channel.STATUS)
+    view = registry.node_view("gw-new")
+    assert view.status is NodeStatus.OFFLINE  # until it says something live
+    assert view.last_seen is None
+    send(registry, "gw-new", heartbeat(), Channel.HEARTBEAT)
+    assert registry.node_view("gw-new").status is NodeStatus.ONLINE
+
+
 def test_json_payloads_are_accepted(registry: Registry) -> None:
     body = {"seq": 7, "uptime": 1.5, "cpu": 2, "mem_free": 3, "disk_free": 4, "future_field": "ignored"}
     registry.on_message(node_topic("gw-j", Channel.HEARTBEAT), json.dumps(body).encode())
@@ -274,8 +314,14 @@ def test_registry_follows_a_real_agent(
     db = Database(tmp_path / "fleet.db")
     registry = Registry(db)
     mqtt = FleetMqtt(broker.host, broker.port, controller_identity, options=MqttOptions(reconnect_max=2))
+    replays: list[str] = []
+
+    def on_replay(topic: str, payload: bytes) -> None:
+        replays.append(topic)
+        registry.on_replay(topic, payload)
+
     for topic_filter in FILTERS:
-        mqtt.subscribe(topic_filter, registry.on_message)
+        mqtt.subscribe(topic_filter, registry.on_message, replays=on_replay)
     mqtt.start()
     agent = AgentProcess("gw-a", broker, pki.device("gw-a"), tmp_path / "agent", extra={"labels": {"ring": "canary"}})
     try:
@@ -301,6 +347,21 @@ def test_registry_follows_a_real_agent(
         assert registry.counters["invalid_messages"] == 0
         registry.flush()
         assert db.query("SELECT connection FROM registry_nodes WHERE id = 'gw-a'") == [("offline",)]
+        # Live retained publishes reach subscribers with retain=0 (MQTT-3.3.1-9): none were replays.
+        assert [t for t in replays if "gw-a" in t] == []
+
+        # A controller restart: a fresh registry on the same database, a fresh subscription. The
+        # broker replays gw-a's retained status (its last will) and reported state: old news.
+        last_seen = registry.node_view("gw-a").last_seen
+        mqtt.close()
+        registry = Registry(db)
+        mqtt = FleetMqtt(broker.host, broker.port, controller_identity, options=MqttOptions(reconnect_max=2))
+        for topic_filter in FILTERS:
+            mqtt.subscribe(topic_filter, registry.on_message, replays=on_replay)
+        mqtt.start()
+        wait_until(lambda: registry.counters["replays_known"] >= 2, 15, "gw-a's status and reported replayed")
+        view = registry.node_view("gw-a")
+        assert (view.status, view.last_seen) == (NodeStatus.OFFLINE, last_seen)
     finally:
         agent.kill9()
         mqtt.close()
