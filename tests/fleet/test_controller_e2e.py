@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from certs import issue_device
@@ -22,6 +20,7 @@ from fleet.releases import build_release
 from tests.agentproc import AgentProcess, settle
 from tests.apps import app_tree
 from tests.conftest import Pki, free_port
+from tests.controllerproc import ControllerProcess
 from tests.mqtt import Endpoint, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -34,66 +33,6 @@ HEALTH = ProbeSpec(
     timeout=1,
     failure_threshold=2,
 )
-
-
-@dataclass
-class ControllerProcess:
-    pki: Pki
-    broker: Endpoint
-    workdir: Path
-    store: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.pki.own_controller("ctl-e2e")
-        log = (self.workdir / "controller.log").open("ab")
-        command = [
-            sys.executable, "-m", "fleet", "controller", "--certs", str(self.pki.paths.root),
-            "--broker", f"127.0.0.1:{self.broker.port}", "--db", str(self.workdir / "fleet.db"),
-            "--store", str(self.store), "--http", f"127.0.0.1:{self.port}", "--identity", "ctl-e2e",
-            "--stale-after", "5", "--offline-after", "15",
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        wait_until(self._ready, 30, "controller API up")
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError((self.workdir / "controller.log").read_text())
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-
-    def get(self, path: str) -> Any:
-        response = httpx.get(f"{self.url}{path}", timeout=10)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = httpx.post(f"{self.url}{path}", json=body or {}, timeout=10)
-        assert response.status_code in (200, 201), response.text
-        return response.json()
 
 
 @dataclass
