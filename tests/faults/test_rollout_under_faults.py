@@ -1,5 +1,8 @@
 """Fault injection: a 3-wave rollout to 58 devices while links drop every few seconds, the controller
 is killed -9 twice, the broker restarts once and a group of devices is offline for whole waves.
+Where network namespaces and nftables work (root, ``ip``, ``nft``), the whole scenario runs inside
+a namespace of its own whose loopback also drops 2 % of TCP segments at random (``tc netem`` is not
+in this kernel); elsewhere the proxies' cuts are the only link faults, and the test says so.
 
 Real processes throughout: Mosquitto (rendered config, real certificates), ``fleet controller``,
 6 ``fleet-agent`` processes each behind its own fault proxy, and two ``fleet sim`` processes
@@ -24,6 +27,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from tests.conftest import MosquittoProcess, Pki, free_port
 from tests.controllerproc import ControllerProcess
 from tests.faultproxy import FaultProxy
 from tests.faults.chaos import LinkChaos, SimProcess
+from tests.faults.netns import LossyNamespace, available, lossy_namespace
 from tests.mqtt import Endpoint, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.timeout(480)]
@@ -48,6 +53,7 @@ VERSION = "1.0.0"
 REAL = tuple(f"flt-{index}" for index in range(1, 7))
 CHURNING, AWAY = ("fsim-", 44), ("faway-", 8)
 CONTROLLER = "ctl-faults"
+PACKET_LOSS = 0.02
 HEALTH = ProbeSpec(
     kind="http",
     target="http://127.0.0.1:${APP_PORT}/healthz",
@@ -81,6 +87,7 @@ class Scenario:
     churning: SimProcess
     away: SimProcess
     manifest: ReleaseManifest
+    lossy: LossyNamespace | None
     commands: dict[str, list[str]] = field(default_factory=dict)  # node -> command ids sent
     events: list[tuple[float, str]] = field(default_factory=list)
 
@@ -143,6 +150,14 @@ def real_agent(pki: Pki, node: str, endpoint: Endpoint, workdir: Path) -> AgentP
 
 @pytest.fixture
 def scenario(pki: Pki, tmp_path: Path) -> Iterator[Scenario]:
+    with ExitStack() as stack:
+        reason = available()
+        lossy = None if reason else stack.enter_context(lossy_namespace(PACKET_LOSS))
+        print(f"[faults] packet loss: {f'{PACKET_LOSS:.0%} on loopback in {lossy.name}' if lossy else reason}")
+        yield from run_scenario(pki, tmp_path, lossy)
+
+
+def run_scenario(pki: Pki, tmp_path: Path, lossy: LossyNamespace | None) -> Iterator[Scenario]:
     # Mosquitto's rendered ACL lists controller identities: issue ours before rendering it.
     pki.own_controller(CONTROLLER)
     broker = MosquittoProcess(pki.paths, tmp_path / "mosquitto")
@@ -161,7 +176,7 @@ def scenario(pki: Pki, tmp_path: Path) -> Iterator[Scenario]:
         for node in sim.node_ids():
             if not pki.paths.device(node).cert.exists():
                 issue_device(pki.paths, node)
-    result = Scenario(pki, tmp_path, broker, controller, agents, proxies, churning, away, manifest)
+    result = Scenario(pki, tmp_path, broker, controller, agents, proxies, churning, away, manifest, lossy)
     try:
         controller.start()
         for agent in agents.values():
@@ -286,7 +301,10 @@ def test_rollout_converges_through_link_cuts_controller_kills_and_a_broker_resta
     assert churn["disconnects_injected"] > 0 and churn["downloads_completed"] >= CHURNING[1]
     assert back["downloads_completed"] == AWAY[1]
     assert sum(cuts.values()) >= len(REAL) * 10
+    dropped = scenario.lossy.dropped_packets() if scenario.lossy else None
+    scenario.log(f"packets dropped by nftables: {dropped}")
+    assert scenario.lossy is None or dropped, "the lossy namespace dropped nothing: the rule is not in force"
     timeline = [(round(at - scenario.events[0][0], 1), what) for at, what in scenario.events]
-    (scenario.workdir / "timeline.json").write_text(json.dumps({"timeline": timeline, "cuts": cuts,
+    (scenario.workdir / "timeline.json").write_text(json.dumps({"timeline": timeline, "cuts": cuts, "dropped": dropped,
                                                                  "sim": reports}, indent=2))  # fmt: skip
     assert os.path.exists(scenario.workdir / "fleet.db")
