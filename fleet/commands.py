@@ -14,6 +14,7 @@ import collections
 import json
 import logging
 import random
+import sqlite3
 import threading
 import time
 import uuid
@@ -204,13 +205,15 @@ class CommandTracker:
 
     def _record_ack(self, node: str, ack: Ack) -> None:
         now = self.clock()
+        problem, redelivered = None, False
         with self.db.transaction() as conn:
             row = conn.execute("SELECT node, status FROM commands WHERE id = ?", (ack.id,)).fetchone()
             if row is None or row[0] != node:
                 # Another node's command id on this node's topic is as unknown as a made-up one.
                 problem = "unknown command" if row is None else f"command belongs to {row[0]}"
+            elif _already_recorded(conn, ack):
+                redelivered = True
             else:
-                problem = None
                 conn.execute(
                     "INSERT INTO command_acks (command_id, status, detail, ts, agent_ts) VALUES (?, ?, ?, ?, ?)",
                     (ack.id, ack.status.value, ack.detail, now, ack.ts),
@@ -220,6 +223,12 @@ class CommandTracker:
         if problem is not None:
             self._count("unknown_acks")
             log.warning("ack %s from %s for command %s ignored: %s", ack.status.value, node, ack.id, problem)
+            return
+        if redelivered:
+            # QoS 1 is at-least-once: a PUBACK lost with the link makes the device send the same
+            # ack again. The trail records what the device said, not how often it arrived.
+            self._count("redelivered_acks")
+            log.debug("command %s on %s: %s again (redelivered ack ignored)", ack.id, node, ack.status.value)
             return
         self._count("acks")
         log.info("command %s on %s: %s%s", ack.id, node, ack.status.value, f" ({ack.detail})" if ack.detail else "")
@@ -323,3 +332,12 @@ class CommandTracker:
         if n:
             with self._lock:
                 self.counters[name] += n
+
+
+def _already_recorded(conn: sqlite3.Connection, ack: Ack) -> bool:
+    """Whether this very ack (same status and device timestamp) is in the trail already."""
+    row = conn.execute(
+        "SELECT 1 FROM command_acks WHERE command_id = ? AND status = ? AND agent_ts = ? LIMIT 1",
+        (ack.id, ack.status.value, ack.ts),
+    ).fetchone()
+    return row is not None

@@ -71,9 +71,14 @@ def tracker(db: Database, wire: Wire, clock: Clock) -> CommandTracker:
 
 
 def ack(
-    tracker: CommandTracker, command_id: str, status: AckStatus, node: str = "gw-a", detail: str | None = None
+    tracker: CommandTracker,
+    command_id: str,
+    status: AckStatus,
+    node: str = "gw-a",
+    detail: str | None = None,
+    ts: float = 1.0,
 ) -> None:
-    message = Ack(id=command_id, status=status, detail=detail, ts=1.0)
+    message = Ack(id=command_id, status=status, detail=detail, ts=ts)
     tracker.on_ack(node_topic(node, Channel.ACK), encode(message))
 
 
@@ -142,7 +147,7 @@ def test_ack_trail_and_status_precedence(tracker: CommandTracker, clock: Clock) 
     clock.advance(1)
     ack(tracker, command.id, AckStatus.DONE, detail="restarted")
     ack(tracker, command.id, AckStatus.DUPLICATE)  # a resend the agent had already seen
-    ack(tracker, command.id, AckStatus.ACCEPTED)  # a late, reordered ack must not hide the result
+    ack(tracker, command.id, AckStatus.ACCEPTED, ts=2.0)  # a late, reordered ack must not hide the result
     view = tracker.get(command.id)
     assert view.status == "done"
     assert [(a.status, a.detail) for a in view.acks] == [
@@ -153,6 +158,16 @@ def test_ack_trail_and_status_precedence(tracker: CommandTracker, clock: Clock) 
     ]
     assert view.acks[1].ts == clock.now
     assert tracker.pending_count() == 0
+
+
+def test_a_redelivered_ack_is_recorded_once(tracker: CommandTracker) -> None:
+    """QoS 1 is at-least-once: the same ack (same status and device time) may arrive twice."""
+    command = tracker.send("gw-a", "ping")
+    for _ in range(3):
+        ack(tracker, command.id, AckStatus.DONE, ts=5.0)
+    ack(tracker, command.id, AckStatus.DUPLICATE, ts=6.0)  # a new message: the agent saw a resend
+    assert [a.status for a in tracker.get(command.id).acks] == ["done", "duplicate"]
+    assert tracker.counters["redelivered_acks"] == 2
 
 
 def test_duplicate_alone_is_recorded_as_duplicate(tracker: CommandTracker) -> None:
