@@ -53,6 +53,7 @@ BENCHES: tuple[Bench, ...] = (
     Bench("update_transfer", ("--size-mib", "4"), ("--quick",), 900, 240),
     Bench("controller_scale", (), ("--quick",), 1200, 240),
     Bench(TIMELINE, (), (), 300, 300),  # writes OUT/rollout_timeline.json and OUT/rollout_progress.png
+    Bench("sim_scale", (), ("--quick",), 2400, 240),  # 10,000 simulated devices; amqtt vs Mosquitto
 )
 NAMES = tuple(bench.name for bench in BENCHES)
 
@@ -125,6 +126,29 @@ FIGURES: tuple[Figure, ...] = (
            "desired_fanout.all_received_s", "s", target="desired_fanout.target_s", digits=2),
     Figure("controller_scale", "controller memory per known node", "controller_rss.kib_per_node", "KiB", digits=2),
     Figure(TIMELINE, "rollout {release}, {agents} nodes, waves 1/2/100%: start -> {state}", "duration_s", "s"),
+    Figure("sim_scale", "same {broker_comparison.devices} simulated devices, heartbeat+health 1/s: delivered (amqtt)",
+           "broker_comparison.amqtt.delivered_per_s", "/s",
+           (Ref("Mosquitto", "broker_comparison.mosquitto.delivered_per_s"),
+            Ref("nominal offered", "broker_comparison.mosquitto.nominal_offered_per_s")), better="higher", digits=0),
+    Figure("sim_scale", "same {broker_comparison.devices} simulated devices: all connected (amqtt)",
+           "broker_comparison.amqtt.connect_all_s", "s",
+           (Ref("Mosquitto", "broker_comparison.mosquitto.connect_all_s"),), digits=2),
+    Figure("sim_scale", "same {broker_comparison.devices} simulated devices: broker CPU (amqtt)",
+           "broker_comparison.amqtt.broker_cpu_percent_of_one_core", "% of a core",
+           (Ref("Mosquitto", "broker_comparison.mosquitto.broker_cpu_percent_of_one_core"),)),
+    Figure("sim_scale", "{fleet.devices} simulated devices over mTLS: controller sees all online",
+           "fleet.controller_sees_all_online_s", "s",
+           (Ref("sim: all connected", "fleet.sim.connect_time_s.all_connected_after"),)),
+    Figure("sim_scale", "{fleet.devices} simulated devices: one-wave rollout -> {fleet.rollout_state}",
+           "fleet.rollout_to_finished_s", "s"),
+    Figure("sim_scale", "failure report -> rollback command on the wire (median, {rollback.devices} devices)",
+           "rollback.failure_report_to_rollback_command_s.median", "s",
+           (Ref("MQTT round trip", "rollback.baseline_mqtt_round_trip_ms", 1 / 1000),), digits=3),
+    Figure("sim_scale", "failure report -> device back on the good version (median)",
+           "rollback.failure_report_to_back_on_good_version_s.median", "s", digits=3),
+    Figure("sim_scale", "Mosquitto RSS with {fleet.devices} devices connected", "fleet.rss_mib_connected.mosquitto",
+           "MiB", (Ref("controller", "fleet.rss_mib_connected.controller"),
+                   Ref("sim process", "fleet.rss_mib_connected.sim"))),
 )  # fmt: skip
 
 

@@ -235,5 +235,6 @@ class Controller:
         stats = self.release_service.stats()
         values["fleet_artifact_chunks_sent_total"] = float(stats.chunks_sent)
         values["fleet_artifact_bytes_sent_total"] = float(stats.bytes_sent)
+        values["fleet_artifact_requests_dropped_total"] = float(stats.dropped)
         values["fleet_controller_tick_errors_total"] = float(self.tick_errors)
         return values

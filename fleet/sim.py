@@ -72,8 +72,10 @@ WINDOW = 8
 _TICK = 0.5
 """Seconds between ticker rounds (keepalive, heartbeats, injected faults, reconnects, stalls)."""
 _STALL = 10.0
-"""Seconds without a chunk before a window is asked for again."""
-_STALL_RETRIES = 5
+"""Seconds without a chunk before a window is asked for again (jittered by +-50 % per device, so a
+release service that shed a burst of requests does not get them all back at the same moment)."""
+_STALL_RETRIES = 30
+"""Asks in a row without a chunk before the download counts as failed (the real agent never gives up)."""
 _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 10.0
 _SEEN_COMMANDS = 256
@@ -156,6 +158,7 @@ class _Download:
     size: int = 0
     last_activity: float = 0.0
     stalls: int = 0
+    stall_after: float = _STALL
 
 
 @dataclass
@@ -654,10 +657,11 @@ class Simulator:
                 if now >= device.next_heartbeat:
                     self._heartbeat(device, now)
                 download = device.download
-                if download is not None and now - download.last_activity > _STALL:
+                if download is not None and now - download.last_activity > download.stall_after:
                     download.stalls += 1
+                    download.stall_after = _STALL * self._rng.uniform(0.5, 1.5)
                     if download.stalls > _STALL_RETRIES:
-                        self._download_failed(device, download, f"no chunk for {_STALL * _STALL_RETRIES:.0f}s")
+                        self._download_failed(device, download, f"no chunk after {_STALL_RETRIES} asks")
                     else:
                         self._request_window(device, download)
 

@@ -188,7 +188,7 @@ def run_scenario(pki: Pki, tmp_path: Path, lossy: LossyNamespace | None) -> Iter
         for sim in (churning, away):
             sim.kill()
         for agent in agents.values():
-            agent.kill9()
+            agent.stop()  # SIGTERM: the agent stops its workload too (kill -9 would orphan it)
         controller.stop()
         for proxy in proxies.values():
             proxy.stop()
