@@ -5,6 +5,12 @@ the registry and the command tracker; the release service has its transfer worke
 thread flushes telemetry, resends unacknowledged commands and drives rollouts; the HTTP API runs
 in its own thread. All state lives in one SQLite file, so a restart (also after ``kill -9``)
 resumes rollouts where they were.
+
+With ``share`` set, several controllers (each with its own identity) split ingest through MQTT
+shared subscriptions (``$share/<share>/...``: heartbeats, health, events and artifact requests)
+and share the database file; each also reads every status, reported state and ack, serves its
+share of artifact requests and answers the API. The holder of the lease (fleet.lease) alone
+drives rollouts, resends commands and republishes desired state.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,8 @@ from fleet.facade import (
     RolloutRequest,
     RolloutView,
 )
-from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.lease import Lease
+from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
 from fleet.protocol.codec import decode
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import ReleaseRef, Reported
@@ -40,6 +48,10 @@ from fleet.rollouts import RolloutEngine
 log = logging.getLogger(__name__)
 
 INGEST_CHANNELS = (Channel.STATUS, Channel.HEARTBEAT, Channel.HEALTH, Channel.REPORTED, Channel.EVENTS)
+# Split among controllers that share ingest: the periodic bulk, where a message lost with a dying
+# controller is replaced by the next one. State changes (status, reported) and acks are rare and
+# must not be lost that way, so every controller reads all of them (merging is idempotent).
+SHARED_CHANNELS = frozenset({Channel.HEARTBEAT, Channel.HEALTH, Channel.EVENTS})
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,8 @@ class ControllerSettings:
     offline_after: float = 300.0
     max_transfers: int = 8
     rate_limit: int | None = None
+    share: str | None = None  # shared-ingest group name; None: this controller is alone
+    lease_ttl: float = 10.0
 
     def tls_identity(self) -> TlsIdentity:
         if self.identity is None:
@@ -83,7 +97,12 @@ class Controller:
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings
         self.db = Database(settings.db)
-        self.mqtt = FleetMqtt(settings.broker_host, settings.broker_port, settings.tls_identity())
+        self.mqtt = FleetMqtt(
+            settings.broker_host,
+            settings.broker_port,
+            settings.tls_identity(),
+            options=MqttOptions(clean_session=settings.share is not None),
+        )
         self.registry = Registry(self.db, stale_after=settings.stale_after, offline_after=settings.offline_after)
         self.commands = CommandTracker(self.db, self._publish)
         self.desired = DesiredPublisher(self.db, self._publish_retained)
@@ -96,7 +115,9 @@ class Controller:
             ReleaseServer(self.releases),
             max_transfers=settings.max_transfers,
             rate_limit=settings.rate_limit,
+            share=settings.share,
         )
+        self.lease = None if settings.share is None else Lease(self.db, self.mqtt.client_id, ttl=settings.lease_ttl)
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self._heartbeat_rate = 0.0
@@ -107,15 +128,12 @@ class Controller:
 
     def start(self) -> None:
         for channel in INGEST_CHANNELS:
-            self.mqtt.subscribe(all_nodes_filter(channel), self._ingest, replays=self._ingest_replay)
+            share = self.settings.share if channel in SHARED_CHANNELS else None
+            self.mqtt.subscribe(all_nodes_filter(channel), self._ingest, replays=self._ingest_replay, share=share)
         self.mqtt.subscribe(all_nodes_filter(Channel.ACK), self.commands.on_ack)
         self.mqtt.start()
-        # A desired state is committed before it is published; a crash (or a broker that lost its
-        # retained store) between the two would leave a node waiting forever. Publishing every
-        # stored document again is idempotent: agents ignore a generation they already applied.
-        republished = self.desired.republish_all()
-        if republished:
-            log.info("controller republished %d stored desired states", republished)
+        if self.lease is None or self.lease.renew():
+            self._became_leader()
         self.release_service.start()
         self._ticker = threading.Thread(target=self._tick_forever, name="controller-tick", daemon=True)
         self._ticker.start()
@@ -127,6 +145,8 @@ class Controller:
             self._ticker.join(timeout)
         self.release_service.stop()
         self.registry.flush()
+        if self.lease is not None and self.lease.held:
+            self.lease.release()
         self.mqtt.close()
         self.db.close()
 
@@ -134,14 +154,34 @@ class Controller:
         while not self._stopping.wait(self.settings.tick_interval):
             self.tick()
 
+    @property
+    def leader(self) -> bool:
+        """Whether this controller drives rollouts and resends (always, unless it shares ingest)."""
+        return self.lease is None or self.lease.held
+
+    def _became_leader(self) -> None:
+        # A desired state is committed before it is published; a crash (or a broker that lost its
+        # retained store) between the two would leave a node waiting forever. Publishing every
+        # stored document again is idempotent: agents ignore a generation they already applied.
+        republished = self.desired.republish_all()
+        if republished:
+            log.info("controller republished %d stored desired states", republished)
+
+    def _renew_lease(self) -> None:
+        assert self.lease is not None
+        was_leader = self.lease.held
+        if self.lease.renew() and not was_leader:
+            self._became_leader()
+
     def tick(self) -> None:
         """One round of periodic work; an error in one part is logged and counted, never fatal."""
-        for name, step in (
-            ("flush", self.registry.flush),
-            ("resend", self.commands.resend_due),
-            ("rollouts", self.rollouts_engine.tick),
-            ("rates", self._sample_rates),
-        ):
+        steps: list[tuple[str, Callable[[], object]]] = [("flush", self.registry.flush)]
+        if self.lease is not None:
+            steps += [("refresh", self.registry.refresh), ("lease", self._renew_lease)]
+        if self.leader:
+            steps += [("resend", self.commands.resend_due), ("rollouts", self.rollouts_engine.tick)]
+        steps.append(("rates", self._sample_rates))
+        for name, step in steps:
             try:
                 step()
             except Exception:
@@ -237,4 +277,5 @@ class Controller:
         values["fleet_artifact_bytes_sent_total"] = float(stats.bytes_sent)
         values["fleet_artifact_requests_dropped_total"] = float(stats.dropped)
         values["fleet_controller_tick_errors_total"] = float(self.tick_errors)
+        values["fleet_controller_leader"] = 1.0 if self.leader else 0.0
         return values

@@ -28,6 +28,8 @@ class Database:
             # FULL: a committed rollout transition survives power loss, not only a process crash.
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # Controllers sharing one file (a shared-ingest pair) wait for each other's writes.
+            self._db.execute("PRAGMA busy_timeout=10000")
         except sqlite3.Error as exc:
             raise ConfigError(f"{self.path}: cannot open the database: {exc}") from exc
         self.lock = threading.RLock()

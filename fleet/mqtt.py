@@ -18,6 +18,7 @@ Handlers must return quickly: they run on the network thread, which also sends P
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -41,6 +42,17 @@ _FIRST_RETRY = 0.25
 """Seconds between first connection attempts: short, since a broker started with us is up in moments."""
 
 Handler = Callable[[str, bytes], None]
+_SHARE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class _Subscription:
+    qos: int
+    handler: Handler
+    replays: Handler
+    wire: str  # what is sent to the broker: the filter, or $share/<group>/<filter>
+
+
 """Called with (topic, payload) for every message on a matching filter."""
 
 
@@ -90,6 +102,10 @@ class MqttOptions:
     max_inflight: int = 20
     max_queued: int = 0
     """QoS>0 messages paho keeps while disconnected or beyond the inflight window; 0 = unbounded."""
+    clean_session: bool = False
+    """False: the broker queues our QoS-1 messages while we are away. Members of a shared
+    subscription want True: Mosquitto keeps handing an absent persistent member its share (queued
+    for it), so a dead controller would swallow half the fleet's messages until it came back."""
 
 
 class FleetMqtt:
@@ -112,7 +128,7 @@ class FleetMqtt:
         self.handler_errors = 0
         self.connects = 0
         self._lock = threading.Lock()
-        self._handlers: dict[str, tuple[int, Handler, Handler]] = {}
+        self._handlers: dict[str, _Subscription] = {}  # by topic filter (without any $share prefix)
         self._last_error = "no answer yet"
         self._refused: str | None = None
         self._started = False
@@ -126,7 +142,7 @@ class FleetMqtt:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            clean_session=False,
+            clean_session=self.options.clean_session,
             protocol=mqtt.MQTTv311,
         )
         client.tls_set_context(context)
@@ -187,24 +203,36 @@ class FleetMqtt:
 
     # ---- subscriptions ---------------------------------------------------------------------
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1, *, replays: Handler | None = None) -> None:
+    def subscribe(
+        self,
+        topic_filter: str,
+        handler: Handler,
+        qos: int = 1,
+        *,
+        replays: Handler | None = None,
+        share: str | None = None,
+    ) -> None:
         """Deliver messages on ``topic_filter`` to ``handler``; kept across reconnects.
 
         ``replays``, when given, gets the retained messages the broker replays on (re)subscribing
         instead: those are old news (a dead node's last words replay on every controller restart),
-        not signs of life.
+        not signs of life. ``share`` subscribes as ``$share/<share>/<filter>``: the broker hands
+        each message to one member of the group (Mosquitto and EMQX do this for MQTT 3.1.1 too).
         """
         topic_matches(topic_filter, "x")  # refuses a malformed filter here, not at the broker
+        if share is not None and not _SHARE_NAME.fullmatch(share):
+            raise ConfigError(f"share group {share!r}: 1-64 letters, digits, '-' or '_'")
+        wire = topic_filter if share is None else f"$share/{share}/{topic_filter}"
         with self._lock:
-            self._handlers[topic_filter] = (qos, handler, replays or handler)
+            self._handlers[topic_filter] = _Subscription(qos, handler, replays or handler, wire)
         if self.connected.is_set():
-            self._send_subscribe([(topic_filter, qos)])
+            self._send_subscribe([(wire, qos)])
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
-            known = self._handlers.pop(topic_filter, None) is not None
-        if known and self.connected.is_set():
-            self._client.unsubscribe(topic_filter)
+            known = self._handlers.pop(topic_filter, None)
+        if known is not None and self.connected.is_set():
+            self._client.unsubscribe(known.wire)
 
     def _send_subscribe(self, filters: list[tuple[str, int]]) -> None:
         if not filters:
@@ -254,7 +282,7 @@ class FleetMqtt:
             log.warning("%s refused %s: %s", self.address, self.client_id, reason)
             return
         with self._lock:
-            filters = [(topic_filter, qos) for topic_filter, (qos, _handler, _replays) in self._handlers.items()]
+            filters = [(sub.wire, sub.qos) for sub in self._handlers.values()]
         self._send_subscribe(filters)
         self.connects += 1
         self._refused = None
@@ -285,8 +313,8 @@ class FleetMqtt:
         replayed = bool(message.retain)
         with self._lock:
             handlers = [
-                replays if replayed else handler
-                for flt, (_qos, handler, replays) in self._handlers.items()
+                sub.replays if replayed else sub.handler
+                for flt, sub in self._handlers.items()
                 if topic_matches(flt, topic)
             ]
         for handler in handlers:

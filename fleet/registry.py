@@ -5,6 +5,11 @@ sure only certificate-authenticated ids can publish on their topics). All state 
 is the truth for reads; SQLite is written in batches by ``flush()`` (called from the controller's
 tick thread) so heartbeat ingest is never bound by fsync. A controller restart loads the DB back.
 
+Controllers that split ingest with a shared subscription share one database file: each writes the
+nodes it heard from, merging group by group (status, reported, health, heartbeat) so the newest
+of each wins whichever process wrote it, and ``refresh()`` folds the other processes' writes
+into memory the same way.
+
 Times are the controller's own clock at receipt, never the agent's ``ts``: statuses and silence
 must be judged on one clock, and devices' clocks drift.
 """
@@ -40,6 +45,9 @@ CHANNELS: tuple[Channel, ...] = (
 
 FILTERS: tuple[str, ...] = tuple(all_nodes_filter(channel) for channel in CHANNELS)
 
+_REFRESH_OVERLAP = 5.0
+"""Seconds re-read by each refresh: a write stamped just before the last refresh may commit after it."""
+
 RECENT_EVENTS = 10
 """Events kept per node in memory (they are for people looking at one node, not for decisions)."""
 
@@ -59,7 +67,8 @@ CREATE TABLE IF NOT EXISTS registry_nodes (
     health_ts REAL,
     last_seen REAL,
     heartbeat_ts REAL,
-    heartbeat TEXT NOT NULL DEFAULT '{}'
+    heartbeat TEXT NOT NULL DEFAULT '{}',
+    updated REAL
 );
 CREATE TABLE IF NOT EXISTS registry_health (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -71,15 +80,42 @@ CREATE TABLE IF NOT EXISTS registry_health (
 CREATE INDEX IF NOT EXISTS registry_health_node ON registry_health (node, seq);
 """
 
+_COLUMNS = (
+    "id, connection, status_ts, agent_version, version, previous_version, update_state, generation, labels,"
+    " reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat"
+)
+# Each group of columns comes from one kind of message and has its own timestamp: the newer side
+# wins per group, so two controllers writing the same node never put older facts over newer ones.
+_GROUPS = (
+    ("status_ts", ("connection", "agent_version")),
+    ("reported_ts", ("version", "previous_version", "update_state", "generation", "labels")),
+    ("health_ts", ("healthy",)),
+    ("heartbeat_ts", ("heartbeat",)),
+)
+
+
+def _newer(ts: str, column: str) -> str:
+    return (
+        f"{column} = CASE WHEN COALESCE(excluded.{ts}, -1) >= COALESCE(registry_nodes.{ts}, -1)"
+        f" THEN excluded.{column} ELSE registry_nodes.{column} END"
+    )
+
+
+def _latest(ts: str) -> str:
+    return f"NULLIF(MAX(COALESCE(excluded.{ts}, -1), COALESCE(registry_nodes.{ts}, -1)), -1)"
+
+
+_ASSIGNMENTS = ", ".join(
+    [_newer(ts, column) for ts, columns in _GROUPS for column in columns]
+    + [f"{ts} = {_latest(ts)}" for ts in (*(ts for ts, _columns in _GROUPS), "last_seen")]
+    + ["updated = excluded.updated"]
+)
+# Built from the constants above only, never from input.
 _UPSERT = (
-    "INSERT OR REPLACE INTO registry_nodes (id, connection, status_ts, agent_version, version, previous_version,"
-    " update_state, generation, labels, reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO registry_nodes ({_COLUMNS}, updated) VALUES ({', '.join('?' * 16)})"  # noqa: S608
+    f" ON CONFLICT (id) DO UPDATE SET {_ASSIGNMENTS}"
 )
-_SELECT = (
-    "SELECT id, connection, status_ts, agent_version, version, previous_version, update_state, generation,"
-    " labels, reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat FROM registry_nodes"
-)
+_SELECT = f"SELECT {_COLUMNS} FROM registry_nodes"  # noqa: S608 - constant column list
 # Keeps the newest ``health_history`` rows of one node: deletes everything at or below the first
 # row past the limit (the subquery is NULL while the node has fewer rows, deleting nothing).
 _TRIM_HEALTH = (
@@ -170,6 +206,9 @@ class Registry:
             Channel.EVENTS: self._on_event,
         }
         db.migrate(SCHEMA)
+        _add_updated_column(db)
+        self._refreshed_upto = 0.0  # newest `updated` folded in by refresh()
+        self._health_seq = 0  # newest registry_health row folded in
         self._load()
 
     # ---- ingest (paho's thread) ------------------------------------------------------------
@@ -270,7 +309,8 @@ class Registry:
         """
         with self._flush_lock:
             with self._lock:
-                rows = [self._nodes[node_id].row() for node_id in self._dirty]
+                now = self.clock()
+                rows = [(*self._nodes[node_id].row(), now) for node_id in self._dirty]
                 health = self._pending_health
                 self._dirty = set()
                 self._pending_health = []
@@ -298,9 +338,44 @@ class Registry:
             self._dirty.update(row[0] for row in rows)
             self._pending_health[:0] = health  # in front: they are older than anything since
 
+    def refresh(self) -> int:
+        """Fold in what other controllers sharing this database wrote since the last refresh (newest
+        wins per group, as on disk); returns how many node rows were read. Only needed with shared
+        ingest: a controller alone holds everything in memory already."""
+        since = self._refreshed_upto - _REFRESH_OVERLAP
+        rows = self.db.query(f"{_SELECT} WHERE updated > ?", (since,))
+        upto = self.db.query("SELECT MAX(updated) FROM registry_nodes WHERE updated > ?", (since,))[0][0]
+        history = self.db.query(
+            "SELECT seq, node, ts, healthy, detail FROM registry_health WHERE seq > ? ORDER BY seq", (self._health_seq,)
+        )
+        with self._lock:
+            for row in rows:
+                theirs = _node_from_row(row, self.history_limit)
+                ours = self._nodes.get(theirs.id)
+                if ours is None:
+                    self._nodes[theirs.id] = theirs
+                else:
+                    _merge_newer(ours, theirs)
+            touched = set()
+            for seq, node_id, ts, healthy, detail in history:
+                self._health_seq = max(self._health_seq, seq)
+                node = self._nodes.get(node_id)
+                record = HealthRecord(ts=ts, healthy=bool(healthy), detail=detail)
+                if node is not None and record not in node.health:
+                    node.health.append(record)
+                    touched.add(node_id)
+            for node_id in touched:
+                node = self._nodes[node_id]
+                node.health = collections.deque(sorted(node.health, key=lambda r: r.ts), maxlen=self.history_limit)
+            if upto is not None:
+                self._refreshed_upto = max(self._refreshed_upto, upto)
+        return len(rows)
+
     def _load(self) -> None:
         rows = self.db.query(_SELECT)
         history = self.db.query("SELECT node, ts, healthy, detail FROM registry_health ORDER BY seq")
+        self._refreshed_upto = self.db.query("SELECT COALESCE(MAX(updated), 0) FROM registry_nodes")[0][0]
+        self._health_seq = self.db.query("SELECT COALESCE(MAX(seq), 0) FROM registry_health")[0][0]
         with self._lock:
             for row in rows:
                 node = _node_from_row(row, self.history_limit)
@@ -444,3 +519,22 @@ def _already_known(node: _Node, message: Message) -> bool:
     if isinstance(message, Status):
         return node.status_ts is not None and node.connection == message.state
     return False
+
+
+def _merge_newer(ours: _Node, theirs: _Node) -> None:
+    """Take each group of fields from ``theirs`` where its timestamp is newer (the SQL merge, in memory)."""
+    for ts, columns in _GROUPS:
+        if (getattr(theirs, ts) or -1.0) > (getattr(ours, ts) or -1.0):
+            setattr(ours, ts, getattr(theirs, ts))
+            for column in columns:
+                setattr(ours, column, getattr(theirs, column))
+    if (theirs.last_seen or -1.0) > (ours.last_seen or -1.0):
+        ours.last_seen = theirs.last_seen
+
+
+def _add_updated_column(db: Database) -> None:
+    """Databases from before shared ingest lack ``registry_nodes.updated``."""
+    columns = {row[1] for row in db.query("PRAGMA table_info(registry_nodes)")}
+    if "updated" not in columns:
+        db.execute("ALTER TABLE registry_nodes ADD COLUMN updated REAL")
+    db.execute("CREATE INDEX IF NOT EXISTS registry_nodes_updated ON registry_nodes (updated)")

@@ -251,6 +251,7 @@ class ReleaseService:
         queue_size: int | None = None,
         rate_limit: int | None = None,
         publish_timeout: float = 30.0,
+        share: str | None = None,
     ) -> None:
         if max_transfers < 1:
             raise ValueError("max_transfers must be at least 1")
@@ -258,6 +259,7 @@ class ReleaseService:
         self.server = server
         self.max_transfers = max_transfers
         self.publish_timeout = publish_timeout
+        self.share = share  # several controllers split the requests (rate limits then apply per controller)
         self.limiter = RateLimiter(rate_limit) if rate_limit is not None else None
         # Bounded: a burst of requests beyond this is dropped (the agent asks again), not buffered
         # without limit. A request is a few dozen bytes; 8 per worker shed 2 % of a 10,000-device
@@ -289,7 +291,7 @@ class ReleaseService:
             worker = threading.Thread(target=self._work, name=f"release-transfer-{number}", daemon=True)
             worker.start()
             self._workers.append(worker)
-        self.mqtt.subscribe(self._filter, self._on_request, qos=1)
+        self.mqtt.subscribe(self._filter, self._on_request, qos=1, share=self.share)
         log.info("release service: serving %s (%d transfers at a time)", self._filter, self.max_transfers)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -24,7 +24,12 @@ class ControllerProcess:
     identity: str = "ctl-e2e"
     port: int = field(default_factory=free_port)
     extra_args: tuple[str, ...] = ()
+    db: Path | None = None  # default workdir/fleet.db; controllers sharing ingest share one
     process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"controller-{self.identity}.log"
 
     @property
     def url(self) -> str:
@@ -32,10 +37,10 @@ class ControllerProcess:
 
     def start(self) -> None:
         self.pki.own_controller(self.identity)
-        log = (self.workdir / "controller.log").open("ab")
+        log = self.log_path.open("ab")
         command = [
             sys.executable, "-m", "fleet", "controller", "--certs", str(self.pki.paths.root),
-            "--broker", f"127.0.0.1:{self.broker.port}", "--db", str(self.workdir / "fleet.db"),
+            "--broker", f"127.0.0.1:{self.broker.port}", "--db", str(self.db or self.workdir / "fleet.db"),
             "--store", str(self.store), "--http", f"127.0.0.1:{self.port}", "--identity", self.identity,
             "--stale-after", "5", "--offline-after", "15", *self.extra_args,
         ]  # fmt: skip
@@ -46,7 +51,7 @@ class ControllerProcess:
     def _ready(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError((self.workdir / "controller.log").read_text())
+            raise AssertionError(self.log_path.read_text())
         try:
             return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:

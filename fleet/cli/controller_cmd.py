@@ -36,6 +36,14 @@ def controller(
     offline_after: Annotated[float, typer.Option(help="seconds without any message before offline")] = 300.0,
     max_transfers: Annotated[int, typer.Option(help="artifact requests served at once")] = 8,
     rate_limit: Annotated[int | None, typer.Option(help="artifact bytes per second per device")] = None,
+    share: Annotated[
+        str | None,
+        typer.Option(
+            help="split ingest with the other controllers of this group ($share/GROUP/...; they must use the same"
+            " --db file and each its own --identity); the lease holder drives rollouts"
+        ),
+    ] = None,
+    lease_ttl: Annotated[float, typer.Option(help="with --share: seconds before a silent leader is replaced")] = 10.0,
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM."""
     from fleet.api import create_app, serve_in_thread
@@ -54,6 +62,8 @@ def controller(
         offline_after=offline_after,
         max_transfers=max_transfers,
         rate_limit=rate_limit,
+        share=share,
+        lease_ttl=lease_ttl,
     )
     try:
         service = Controller(settings)

@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DEFAULT_SERVICES = {"mosquitto", "controller", "agent"}
-CLUSTER_SERVICES = {"emqx1", "emqx2", "emqx3", "controller-emqx", "agent-emqx"}
+CLUSTER_SERVICES = {"emqx1", "emqx2", "emqx3", "controller-emqx-1", "controller-emqx-2", "agent-emqx"}
 # Written by the user before `up` (fleet certs init / fleet broker --render), not part of the repo.
 GENERATED = [ROOT / "pki", ROOT / "deploy" / "mosquitto", ROOT / "deploy" / "emqx"]
 
@@ -58,7 +58,7 @@ def test_services_and_profiles() -> None:
 
 def test_controller_api_is_published_on_loopback_only() -> None:
     services = _config("--profile", "cluster")["services"]
-    for name in ("controller", "controller-emqx"):
+    for name in ("controller", "controller-emqx-1", "controller-emqx-2"):
         ports = services[name]["ports"]
         assert ports, name
         for port in ports:
@@ -84,6 +84,21 @@ def test_emqx_nodes_form_a_static_cluster() -> None:
         assert all(name in env["EMQX_CLUSTER__STATIC__SEEDS"] for name in names)
         host = env["EMQX_NODE_NAME"].split("@", 1)[1]
         assert "." in host and node["hostname"] == host  # Erlang long names need a dotted host
+
+
+def test_cluster_controllers_share_ingest_and_one_database() -> None:
+    services = _config("--profile", "cluster")["services"]
+    pair = [services[f"controller-emqx-{i}"] for i in (1, 2)]
+    commands = [service["command"] for service in pair]
+    for command in commands:
+        assert command[command.index("--share") + 1] == "fleet-ctl"
+        assert command[command.index("--db") + 1] == "/data/fleet.db"
+    identities = {command[command.index("--identity") + 1] for command in commands}
+    brokers = {command[command.index("--broker") + 1] for command in commands}
+    assert len(identities) == 2, "two processes with one certificate would kick each other off"
+    assert len(brokers) == 2, "each controller on its own EMQX node"
+    volumes = [{v.split(":")[0] if isinstance(v, str) else v["source"] for v in s["volumes"]} for s in pair]
+    assert "controller-emqx-data" in volumes[0] & volumes[1]
 
 
 def test_every_mounted_repository_file_exists() -> None:

@@ -47,7 +47,7 @@ from tests.faults.chaos import LinkChaos, SimProcess
 from tests.faults.netns import LossyNamespace, available, lossy_namespace
 from tests.mqtt import Endpoint, wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.slow, pytest.mark.mosquitto, pytest.mark.timeout(600)]
 
 VERSION = "1.0.0"
 REAL = tuple(f"flt-{index}" for index in range(1, 7))
@@ -216,8 +216,10 @@ def executions(agent: AgentProcess) -> Counter[str]:
 def test_rollout_converges_through_link_cuts_controller_kills_and_a_broker_restart(scenario: Scenario) -> None:
     devices = set(scenario.devices)
     away = set(scenario.away.node_ids())
-    wait_for(lambda: {n for n, v in scenario.nodes().items() if v["status"] == "online"} >= devices, 90,
-             f"all {len(devices)} devices online", scenario)  # fmt: skip
+    # "Heard from", not "online at once": the churning devices drop their links every few seconds,
+    # so all 58 being online at the same moment is a matter of luck (it took 84 s once).
+    wait_for(lambda: {n for n, v in scenario.nodes().items() if v["heartbeat"]} >= devices, 120,
+             f"a heartbeat from each of the {len(devices)} devices", scenario)  # fmt: skip
 
     # The away group leaves before the rollout: offline for every wave it belongs to.
     scenario.away.stop()
