@@ -461,10 +461,10 @@ def rollback_latency(pki: Pki, workdir: Path, devices: int) -> dict[str, Any]:
     return {
         "devices": devices,
         "failed_devices": len(watcher.failed_at),
-        "first_failure_to_aborting_s": round(aborting_at - detected, 3),
-        "failure_report_to_rollback_command_s": summary_s(commands),
-        "failure_report_to_back_on_good_version_s": summary_s(restored),
-        "first_failure_to_aborted_s": round(aborted_at - detected, 3),
+        "first_failure_to_aborting_ms": round((aborting_at - detected) * 1000, 1),
+        "failure_report_to_rollback_command_ms": summary_ms(commands),
+        "failure_report_to_back_on_good_version_ms": summary_ms(restored),
+        "first_failure_to_aborted_ms": round((aborted_at - detected) * 1000, 1),
         "baseline_mqtt_round_trip_ms": round(baseline_ms, 2),
     }
 
@@ -473,10 +473,10 @@ def rollout_state(url: str, rollout_id: str) -> str:
     return str(httpx.get(f"{url}/rollouts/{rollout_id}", timeout=30).json()["state"])
 
 
-def summary_s(values: list[float]) -> dict[str, float | None]:
-    if not values:
+def summary_ms(seconds: list[float]) -> dict[str, float | None]:
+    if not seconds:
         return {"median": None, "max": None}
-    return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
+    return {"median": round(statistics.median(seconds) * 1000, 1), "max": round(max(seconds) * 1000, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

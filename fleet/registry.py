@@ -343,13 +343,13 @@ class Registry:
         wins per group, as on disk); returns how many node rows were read. Only needed with shared
         ingest: a controller alone holds everything in memory already."""
         since = self._refreshed_upto - _REFRESH_OVERLAP
-        rows = self.db.query(f"{_SELECT} WHERE updated > ?", (since,))
-        upto = self.db.query("SELECT MAX(updated) FROM registry_nodes WHERE updated > ?", (since,))[0][0]
+        rows = self.db.query(f"SELECT {_COLUMNS}, updated FROM registry_nodes WHERE updated > ?", (since,))  # noqa: S608
         history = self.db.query(
             "SELECT seq, node, ts, healthy, detail FROM registry_health WHERE seq > ? ORDER BY seq", (self._health_seq,)
         )
         with self._lock:
-            for row in rows:
+            for *row, updated in rows:
+                self._refreshed_upto = max(self._refreshed_upto, updated)
                 theirs = _node_from_row(row, self.history_limit)
                 ours = self._nodes.get(theirs.id)
                 if ours is None:
@@ -367,8 +367,6 @@ class Registry:
             for node_id in touched:
                 node = self._nodes[node_id]
                 node.health = collections.deque(sorted(node.health, key=lambda r: r.ts), maxlen=self.history_limit)
-            if upto is not None:
-                self._refreshed_upto = max(self._refreshed_upto, upto)
         return len(rows)
 
     def _load(self) -> None:

@@ -24,10 +24,10 @@ NUMERIC_KEYS = (
     "fleet.artifact_bytes_sent",
     *(f"fleet.rss_mib_connected.{name}" for name in ("mosquitto", "controller", "sim")),
     "fleet.sim.connect_time_s.all_connected_after",
-    "rollback.first_failure_to_aborting_s",
-    "rollback.failure_report_to_rollback_command_s.median",
-    "rollback.failure_report_to_back_on_good_version_s.median",
-    "rollback.first_failure_to_aborted_s",
+    "rollback.first_failure_to_aborting_ms",
+    "rollback.failure_report_to_rollback_command_ms.median",
+    "rollback.failure_report_to_back_on_good_version_ms.median",
+    "rollback.first_failure_to_aborted_ms",
     "rollback.baseline_mqtt_round_trip_ms",
 )
 
