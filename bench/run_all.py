@@ -342,6 +342,21 @@ def report(run: Run, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOC_START, DOC_END = "<!-- benchmark-report:start -->", "<!-- benchmark-report:end -->"
+
+
+def update_doc(path: Path, report_text: str) -> None:
+    """Replace what lies between the markers in ``path`` with the report's first line and summary table."""
+    lines = report_text.splitlines()
+    table_end = lines.index("## Benchmarks")
+    summary = "\n".join(lines[2:table_end]).strip()
+    text = path.read_text()
+    start, end = text.find(DOC_START), text.find(DOC_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no {DOC_START} ... {DOC_END} markers")
+    path.write_text(f"{text[: start + len(DOC_START)]}\n{summary}\n{text[end:]}")
+
+
 def _relative(part: str) -> str:
     try:
         return str(Path(part).relative_to(REPO))
@@ -393,6 +408,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="output directory")
     parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME", help=f"run only these: {', '.join(NAMES)}")
     parser.add_argument("--no-timeline", action="store_true", help="skip the rollout timeline (PNG plot)")
+    parser.add_argument("--doc", type=Path, help="also put the summary table into this Markdown file, between"
+                        f" {DOC_START} and {DOC_END}")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -414,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meta": meta}
     results |= {name: outcome.document if not outcome.failed else None for name, outcome in run.outcomes.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "report.md").write_text(report(run, meta))
+    text = report(run, meta)
+    (out / "report.md").write_text(text)
+    if args.doc is not None:
+        update_doc(args.doc, text)
+        say(f"updated the table in {args.doc}")
     say(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     failed = sorted(meta["failed"])
     if failed:
