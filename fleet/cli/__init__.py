@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
 from fleet.protocol.errors import FleetError
+
+if TYPE_CHECKING:
+    from certs import ClientPaths, PkiPaths
+    from fleet.mqtt import TlsIdentity
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fleet messaging and updates over MQTT.")
 
@@ -17,6 +21,28 @@ def fail(message: str) -> NoReturn:
     """Print one line naming what is wrong and exit 2 (the contract for every bad input)."""
     typer.echo(f"fleet: error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+def parse_host_port(option: str, value: str, *, port_zero: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` (port 0 only with ``port_zero``); anything else is a one-line
+    error naming the option and the value."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.strip("[]")
+    lowest = 0 if port_zero else 1
+    if not sep or not host or not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        fail(f"{option} {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8883")
+    return host, int(port_text)
+
+
+def client_identity(pki: PkiPaths, client: ClientPaths, hint: str) -> TlsIdentity:
+    """The CA and one client certificate of the PKI as a TLS identity; a missing file is named with ``hint``."""
+    from fleet.mqtt import TlsIdentity  # paho and cryptography load only for commands that connect
+
+    identity = TlsIdentity(pki.ca_cert, client.cert, client.key)
+    for path in (identity.ca, identity.cert, identity.key):
+        if not path.is_file():
+            fail(f"{path}: no such file ({hint})")
+    return identity
 
 
 _registered = False

@@ -11,18 +11,10 @@ from typing import Annotated
 import typer
 
 from certs import PkiPaths
-from fleet.cli import fail
+from fleet.cli import fail, parse_host_port
 from fleet.protocol.errors import FleetError
 
 log = logging.getLogger(__name__)
-
-
-def _host_port(option: str, value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        fail(f"{option} {value!r}: expected HOST:PORT")
-    return host, int(port)
 
 
 def controller(
@@ -49,8 +41,8 @@ def controller(
     from fleet.api import create_app, serve_in_thread
     from fleet.controller import Controller, ControllerSettings
 
-    broker_host, broker_port = _host_port("--broker", broker)
-    http_host, http_port = _host_port("--http", http)
+    broker_host, broker_port = parse_host_port("--broker", broker, port_zero=True)
+    http_host, http_port = parse_host_port("--http", http, port_zero=True)
     settings = ControllerSettings(
         pki=PkiPaths(certs),
         broker_host=broker_host,

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from certs import PkiPaths
-from fleet.cli import fail
+from fleet.cli import client_identity, fail, parse_host_port
 from fleet.mqtt import FleetMqtt, TlsIdentity
 from fleet.protocol.errors import FleetError
 from fleet.release_server import ReleaseServer, ReleaseService
@@ -21,25 +21,12 @@ from fleet.releases import ReleaseStore
 log = logging.getLogger(__name__)
 
 
-def parse_broker(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT``; anything else is a one-line error naming the value."""
-    host, sep, port_text = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        fail(f"--broker {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8883")
-    return host, int(port_text)
-
-
 def controller_identity(certs: Path, identity: str | None) -> TlsIdentity:
     """The main controller identity, or ``certs/controllers/<identity>``; missing files are named."""
     pki = PkiPaths(certs)
     client = pki.default_controller if identity is None else pki.controller(identity)
-    tls = TlsIdentity(pki.ca_cert, client.cert, client.key)
-    for path in (tls.ca, tls.cert, tls.key):
-        if not path.is_file():
-            hint = "run `fleet certs init`" if identity is None else f"issue controller identity {identity!r}"
-            fail(f"{path}: no such file ({hint})")
-    return tls
+    hint = "run `fleet certs init`" if identity is None else f"issue controller identity {identity!r}"
+    return client_identity(pki, client, hint)
 
 
 def serve(
@@ -58,7 +45,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve release artifacts to agents over MQTT (artifact/req -> artifact/chunk)."""
-    host, port = parse_broker(broker)
+    host, port = parse_host_port("--broker", broker)
     if not store.is_dir():
         fail(f"{store}: no such release store directory")
     tls = controller_identity(certs, identity)

@@ -10,8 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fleet.cli import fail
-from fleet.cli.serve_cmd import parse_broker
+from fleet.cli import fail, parse_host_port
 from fleet.protocol.errors import ConfigError
 from fleet.sim import SimSettings, Simulator
 
@@ -52,7 +51,7 @@ def sim(
     seed: Annotated[int | None, typer.Option(help="Random seed (reproducible fault choices).")] = None,
 ) -> None:
     """Simulate a fleet over the real protocol (load generator and benchmark engine)."""
-    host, port = parse_broker(broker)
+    host, port = parse_host_port("--broker", broker)
     try:
         settings = SimSettings(
             agents=agents,

@@ -16,8 +16,7 @@ from typing import Annotated
 import typer
 
 from certs import PkiPaths
-from fleet.cli import fail
-from fleet.cli.serve_cmd import parse_broker
+from fleet.cli import client_identity, fail, parse_host_port
 from fleet.mqtt import FleetMqtt, TlsIdentity
 from fleet.protocol.codec import to_json_line
 from fleet.protocol.errors import FleetError, InvalidMessage
@@ -39,12 +38,8 @@ def operator_identity(certs: Path, name: str | None) -> TlsIdentity:
     """The shared operator.pem, or ``certs/operators/<name>``; a missing file is named."""
     pki = PkiPaths(certs)
     client = pki.default_operator if name is None else pki.operator(name)
-    identity = TlsIdentity(pki.ca_cert, client.cert, client.key)
-    for path in (identity.ca, identity.cert, identity.key):
-        if not path.is_file():
-            hint = "run `fleet certs init`" if name is None else f"run `fleet certs operator {certs} {name}`"
-            fail(f"{path}: no such file ({hint})")
-    return identity
+    hint = "run `fleet certs init`" if name is None else f"run `fleet certs operator {certs} {name}`"
+    return client_identity(pki, client, hint)
 
 
 def watch(
@@ -64,7 +59,7 @@ def watch(
     count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after this many messages.")] = None,
 ) -> None:
     """Print the messages on FILTER as JSON lines (msgpack decoded) until --count or Ctrl-C."""
-    host, port = parse_broker(broker)
+    host, port = parse_host_port("--broker", broker)
     tls = operator_identity(certs, identity)
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     try:
