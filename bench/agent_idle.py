@@ -10,16 +10,13 @@ controller publisher connected straight to the broker. Targets come from issue 3
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import signal
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 if __package__ in (None, ""):
@@ -36,6 +33,7 @@ from bench.common import (
     mib,
     mqtt_session,
     proc_status_kib,
+    run_and_print,
     running_broker,
     say,
     summary_ms,
@@ -91,10 +89,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.duration <= 0 or args.rounds < 1 or args.heartbeat_interval < 1:
         parser.error("--duration must be > 0, --rounds >= 1, --heartbeat-interval >= 1")
     return args
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # ---- in-process measurements -------------------------------------------------------------------
@@ -389,14 +383,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        say("interrupted; everything started was stopped")
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(lambda: run(args))
 
 
 if __name__ == "__main__":

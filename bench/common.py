@@ -6,8 +6,10 @@ The test helpers in ``tests/`` (MosquittoProcess, FaultProxy, MqttClient, AgentP
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import signal
 import statistics
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +37,23 @@ MIB = 1024 * 1024
 def say(message: str) -> None:
     """Progress for humans: stderr only, stdout is reserved for the JSON result."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_and_print(run: Callable[[], dict[str, Any]]) -> int:
+    """Run one benchmark and print its JSON document; SIGTERM (run_all's timeout) ends it like Ctrl-C,
+    so the ``with`` blocks stop everything it started. Returns the exit code."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result = run()
+    except KeyboardInterrupt:
+        say("interrupted; everything started was stopped")
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> float:

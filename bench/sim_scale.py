@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,13 +53,15 @@ from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, all_nodes_filter
 from fleet.releases import build_release
 from tests.conftest import MosquittoProcess, free_port, tls_port_ready
-from tests.mqtt import Credentials
+from tests.faults.chaos import SimProcess
+from tests.mqtt import Credentials, Endpoint
 
 PREFIX = "sim-"
 CONTROLLER = "ctl-sim-scale"
 OBSERVER = "ctl-sim-observer"
 ECHO = "fleet/v1/bench/echo"  # controllers may use any fleet/v1 topic
 NOFILE = 65536
+SIM_STOP_TIMEOUT = 120.0  # 10,000 devices publish offline and disconnect
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,33 +146,39 @@ def broker_process(kind: str, pki: Pki, workdir: Path) -> Iterator[tuple[int, ps
         _stop(process)
 
 
-class SimRun:
-    """``fleet sim`` as a process; ``stop()`` sends SIGTERM and returns its JSON report."""
+def start_sim(pki: Pki, port: int, agents: int, workdir: Path, **options: float | str) -> SimProcess:
+    """``fleet sim`` as a process (the fault suite's runner); ``stop()`` returns its JSON report."""
+    endpoint = Endpoint("mosquitto", "127.0.0.1", port)
+    return SimProcess(pki.paths.root, endpoint, workdir, PREFIX, agents, dict(options)).start()
 
-    def __init__(self, pki: Pki, port: int, agents: int, workdir: Path, **options: float | str) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.out, self.err = workdir / "sim-report.json", workdir / "sim.log"
-        command = [
-            sys.executable, "-m", "fleet", "sim", "--agents", str(agents), "--prefix", PREFIX,
-            "--broker", f"127.0.0.1:{port}", "--certs", str(pki.paths.root), "--duration", "7200",
-        ]  # fmt: skip
-        for name, value in options.items():
-            command += [f"--{name.replace('_', '-')}", str(value)]
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            self.process = subprocess.Popen(command, stdout=out, stderr=err)
-        self.psutil = psutil.Process(self.process.pid)
 
-    def alive(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"fleet sim exited {self.process.returncode}: {self.err.read_text()[-2000:]}")
-        return True
+def observer_client(
+    pki: Pki,
+    port: int,
+    on_message: Callable[[mqtt.Client, object, mqtt.MQTTMessage], None],
+    filters: list[tuple[str, int]],
+) -> mqtt.Client:
+    """A connected raw paho client with the observer identity, subscribed before this returns."""
+    creds = pki.client(OBSERVER)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=OBSERVER)
+    client.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
+    client.on_message = on_message
+    # Nagle off, as every fleet client has it: otherwise a round trip is a delayed ACK (~40 ms).
+    client.on_socket_open = _nodelay
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_connect = lambda c, *_: c.subscribe(filters)
+    client.connect("127.0.0.1", port, keepalive=60)
+    client.loop_start()
+    if not subscribed.wait(30):
+        client.loop_stop()
+        raise TimeoutError("observer not subscribed")
+    return client
 
-    def stop(self) -> dict[str, Any]:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            self.process.wait(120)
-        report: dict[str, Any] = json.loads(self.out.read_text())
-        return report
+
+def _nodelay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Counter:
@@ -180,15 +187,8 @@ class Counter:
     def __init__(self, pki: Pki, port: int) -> None:
         self.count = 0
         self._lock = threading.Lock()
-        creds = pki.client(OBSERVER)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=OBSERVER)
-        self.client.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
-        self.client.on_message = self._on_message
-        self.client.on_connect = lambda client, *_: client.subscribe(
-            [(all_nodes_filter(Channel.HEARTBEAT), 0), (all_nodes_filter(Channel.HEALTH), 0)]
-        )
-        self.client.connect("127.0.0.1", port, keepalive=60)
-        self.client.loop_start()
+        filters = [all_nodes_filter(Channel.HEARTBEAT), all_nodes_filter(Channel.HEALTH)]
+        self.client = observer_client(pki, port, self._on_message, [(f, 0) for f in filters])
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, _message: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -223,7 +223,7 @@ def one_broker(kind: str, pki: Pki, workdir: Path, agents: int, seconds: float, 
     with broker_process(kind, pki, workdir) as (port, broker):
         counter = Counter(pki, port)
         started = time.monotonic()
-        sim = SimRun(pki, port, agents, workdir, heartbeat=1.0, connect_rate=connect_rate)
+        sim = start_sim(pki, port, agents, workdir, heartbeat=1.0, connect_rate=connect_rate)
         try:
             heard = f"{kind}: a message from every device"
             wait_for(lambda: sim.alive() and counter.read() >= 2 * agents, 300, heard, interval=0.2)
@@ -235,7 +235,7 @@ def one_broker(kind: str, pki: Pki, workdir: Path, agents: int, seconds: float, 
             broker_cpu = (cpu_seconds(broker) - cpu) / elapsed * 100
             rss = broker.memory_info().rss / MIB
         finally:
-            report = sim.stop()
+            report = sim.stop(SIM_STOP_TIMEOUT)
             counter.close()
     return {
         "first_messages_from_every_device_s": round(heard_all, 2),
@@ -310,7 +310,7 @@ def fleet_run(pki: Pki, workdir: Path, agents: int, connect_rate: float, issue_s
         ctl = psutil.Process(controller.pid)
         try:
             started = time.monotonic()
-            sim = SimRun(pki, port, agents, workdir / "sim", heartbeat=60.0, connect_rate=connect_rate)
+            sim = start_sim(pki, port, agents, workdir / "sim", heartbeat=60.0, connect_rate=connect_rate)
 
             def online() -> bool:
                 return sim.alive() and metrics(url).get('fleet_nodes{status="online"}', 0) >= agents
@@ -320,7 +320,7 @@ def fleet_run(pki: Pki, workdir: Path, agents: int, connect_rate: float, issue_s
             result["rss_mib_connected"] = {
                 "mosquitto": round(broker.memory_info().rss / MIB, 1),
                 "controller": round(ctl.memory_info().rss / MIB, 1),
-                "sim": round(sim.psutil.memory_info().rss / MIB, 1),
+                "sim": round(psutil.Process(sim.pid).memory_info().rss / MIB, 1),
             }
             say("rollout to every device")
             body = {"release": "app@1.0.0", "waves": ["100%"], "soak": 0, "wave_timeout": 1800, "health_timeout": 600,
@@ -347,9 +347,9 @@ def fleet_run(pki: Pki, workdir: Path, agents: int, connect_rate: float, issue_s
             result["rss_mib_after_rollout"] = {
                 "mosquitto": round(broker.memory_info().rss / MIB, 1),
                 "controller": round(ctl.memory_info().rss / MIB, 1),
-                "sim": round(sim.psutil.memory_info().rss / MIB, 1),
+                "sim": round(psutil.Process(sim.pid).memory_info().rss / MIB, 1),
             }
-            report = sim.stop()
+            report = sim.stop(SIM_STOP_TIMEOUT)
         finally:
             _stop(controller)
     result["sim"] = {key: report[key] for key in ("connect_time_s", "connect_attempts", "connection_losses",
@@ -371,25 +371,8 @@ class Watcher:
         self.restored_at: dict[str, float] = {}
         self.echo_at: float | None = None
         self._lock = threading.Lock()
-        creds = pki.client(OBSERVER)
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=OBSERVER)
-        self.client.tls_set(ca_certs=str(creds.ca), certfile=str(creds.cert), keyfile=str(creds.key))
-        self.client.on_message = self._on_message
-        # Nagle off, as every fleet client has it: otherwise the round trip baseline is a delayed ACK (~40 ms).
-        self.client.on_socket_open = _nodelay
-        self.subscribed = threading.Event()
-        self.client.on_subscribe = lambda *_: self.subscribed.set()
-        self.client.on_connect = lambda client, *_: client.subscribe(
-            [
-                (all_nodes_filter(Channel.REPORTED), 1),
-                (all_nodes_filter(Channel.CMD), 1),
-                (ECHO, 1),
-            ]
-        )
-        self.client.connect("127.0.0.1", port, keepalive=60)
-        self.client.loop_start()
-        if not self.subscribed.wait(30):
-            raise TimeoutError("watcher not subscribed")
+        filters = [all_nodes_filter(Channel.REPORTED), all_nodes_filter(Channel.CMD), ECHO]
+        self.client = observer_client(pki, port, self._on_message, [(f, 1) for f in filters])
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, message: mqtt.MQTTMessage) -> None:
         now = time.monotonic()
@@ -425,18 +408,13 @@ class Watcher:
         self.client.loop_stop()
 
 
-def _nodelay(_client: mqtt.Client, _userdata: object, sock: object) -> None:
-    if isinstance(sock, socket.socket):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def rollback_latency(pki: Pki, workdir: Path, devices: int) -> dict[str, Any]:
     say(f"rollback: {devices} devices, 2.0.0 fails health on all of them")
     store = build_small_release(pki, workdir, versions=("1.0.0", "2.0.0"))
     with broker_process("mosquitto", pki, workdir / "mosquitto") as (port, _broker):
         controller, url = start_controller(pki, port, workdir, store)
         watcher = Watcher(pki, port, bad="2.0.0", good="1.0.0")
-        sim = SimRun(pki, port, devices, workdir / "sim", heartbeat=1.0, fail_version="2.0.0", fail_fraction=1.0)
+        sim = start_sim(pki, port, devices, workdir / "sim", heartbeat=1.0, fail_version="2.0.0", fail_fraction=1.0)
         try:
             wait_for(lambda: sim.alive() and metrics(url).get('fleet_nodes{status="online"}', 0) >= devices, 120,
                      "devices online", interval=0.5)  # fmt: skip
@@ -452,7 +430,7 @@ def rollback_latency(pki: Pki, workdir: Path, devices: int) -> dict[str, Any]:
                                   interval=0.2)  # fmt: skip
             baseline_ms = watcher.round_trip_ms()
         finally:
-            sim.stop()
+            sim.stop(SIM_STOP_TIMEOUT)
             watcher.close()
             _stop(controller)
     detected = min(watcher.failed_at.values())

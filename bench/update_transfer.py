@@ -13,11 +13,9 @@ real binaries are bench/delta_sizes.py's job, not this one's. Targets come from 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -25,7 +23,6 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 if __package__ in (None, ""):
@@ -41,6 +38,7 @@ from bench.common import (
     mib,
     mqtt_session,
     proc_status_kib,
+    run_and_print,
     running_broker,
     say,
     wait_for,
@@ -88,10 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 < args.size_mib <= 256:
         parser.error("--size-mib must be in (0, 256]")
     return args
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _mb_per_s(nbytes: int, seconds: float) -> float:
@@ -608,14 +602,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        result = run(args)
-    except KeyboardInterrupt:
-        say("interrupted; everything started was stopped")
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(lambda: run(args))
 
 
 if __name__ == "__main__":

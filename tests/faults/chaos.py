@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Pki
 from tests.faultproxy import FaultProxy
 from tests.mqtt import Endpoint
 
@@ -64,7 +63,7 @@ class LinkChaos:
 class SimProcess:
     """``fleet sim`` as a real process; SIGTERM ends it and its JSON report is read from stdout."""
 
-    pki: Pki
+    certs: Path  # the PKI directory
     broker: Endpoint
     workdir: Path
     prefix: str
@@ -80,7 +79,7 @@ class SimProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "fleet", "sim", "--agents", str(self.agents), "--prefix", self.prefix,
-            "--broker", f"{self.broker.host}:{self.broker.port}", "--certs", str(self.pki.paths.root),
+            "--broker", f"{self.broker.host}:{self.broker.port}", "--certs", str(self.certs),
             "--duration", "3600",
         ]  # fmt: skip
         for name, value in self.options.items():
@@ -93,14 +92,27 @@ class SimProcess:
             self.process = subprocess.Popen(command, stdout=report, stderr=log)
         return self
 
-    def stop(self) -> dict[str, Any]:
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        """True while running; raises with the end of its log once it has exited (for wait loops)."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            log = (self.workdir / f"sim-{len(self.reports)}.log").read_text()
+            raise AssertionError(f"fleet sim {self.prefix} exited {self.process.returncode}:\n{log[-2000:]}")
+        return True
+
+    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
         """End the simulation (devices publish offline and disconnect) and return its report."""
         assert self.process is not None
         run = len(self.reports)
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)

@@ -170,8 +170,9 @@ def run_scenario(pki: Pki, tmp_path: Path, lossy: LossyNamespace | None) -> Iter
         node: real_agent(pki, node, Endpoint("proxy", "127.0.0.1", proxies[node].port), tmp_path) for node in REAL
     }
     sim_options = {"heartbeat": 2, "seed": 11}
-    churning = SimProcess(pki, endpoint, tmp_path / "churning", *CHURNING, sim_options | {"disconnect_rate": 10})
-    away = SimProcess(pki, endpoint, tmp_path / "away", *AWAY, dict(sim_options))
+    certs = pki.paths.root
+    churning = SimProcess(certs, endpoint, tmp_path / "churning", *CHURNING, sim_options | {"disconnect_rate": 10})
+    away = SimProcess(certs, endpoint, tmp_path / "away", *AWAY, dict(sim_options))
     for sim in (churning, away):  # issued here, not by two sim processes at once
         for node in sim.node_ids():
             if not pki.paths.device(node).cert.exists():
