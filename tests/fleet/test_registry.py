@@ -18,20 +18,10 @@ from fleet.protocol.topics import Channel, node_topic
 from fleet.registry import FILTERS, Registry
 from tests.agentproc import AgentProcess
 from tests.conftest import Pki
+from tests.fakeclock import Clock
 from tests.mqtt import Endpoint, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def heartbeat(seq: int = 1) -> Heartbeat:

@@ -32,6 +32,7 @@ from fleet.protocol.messages import ReleaseRef
 from fleet.protocol.signing import load_private_key
 from fleet.releases import ReleaseManifest, ReleaseStore, build_release
 from fleet.rollouts import AbortCriteria, RolloutEngine, parse_waves
+from tests.fakeclock import Clock
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,14 +71,6 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Releases:
             )
         )
     return Releases(ReleaseStore(root / "store"), built[0], built[1])
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeFleet:

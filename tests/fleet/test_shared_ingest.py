@@ -29,8 +29,8 @@ from tests.agentproc import AgentProcess
 from tests.apps import app_tree
 from tests.conftest import MosquittoProcess, Pki, free_port
 from tests.controllerproc import ControllerProcess
+from tests.fakeclock import Clock
 from tests.faults.chaos import SimProcess
-from tests.fleet.test_registry import Clock
 from tests.mqtt import Endpoint, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -160,7 +160,7 @@ def test_two_controllers_split_ingest_and_the_survivor_finishes_the_rollout(pki:
         ControllerProcess(pki, endpoint, tmp_path, store, identity=name, extra_args=shared, db=tmp_path / "fleet.db")
         for name in identities
     ]
-    sim = SimProcess(pki, endpoint, tmp_path / "sim", "shsim-", SIM_DEVICES, {"heartbeat": 1, "seed": 3})
+    sim = SimProcess(pki.paths.root, endpoint, tmp_path / "sim", "shsim-", SIM_DEVICES, {"heartbeat": 1, "seed": 3})
     agents: list[AgentProcess] = []
     try:
         for controller in controllers:
