@@ -53,14 +53,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.common import BenchPki, mib, running_broker, say, wait_for
 from certs import PkiPaths, issue_controller
-from fleet.controller import Controller, ControllerSettings
-from fleet.db import Database
-from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.registry import Registry
+from fleet.controller.service import Controller, ControllerSettings
+from fleet.controller.storage import Database
 from fleet.protocol.codec import encode
 from fleet.protocol.messages import Heartbeat
 from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, all_nodes_filter, node_topic, parse_node_topic
-from fleet.registry import Registry
 from fleet.releases import build_release
 from tests.mqtt import Endpoint
 

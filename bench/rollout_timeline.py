@@ -2,7 +2,7 @@
 
     python bench/rollout_timeline.py [--out bench/results] [--agents 5] [--interval 0.25]
 
-Reuses ``fleet.demo``: a fresh PKI, the embedded broker, the controller and N real ``fleet-agent``
+Reuses ``fleet.tools.demo``: a fresh PKI, the embedded broker, the controller and N real ``fleet-agent``
 processes; then the demo's first rollout (app@1.0.0 in waves 1, 2, 100%). While it runs,
 ``GET /rollouts/{id}`` is sampled every ``--interval`` seconds and each sample's per-wave
 succeeded / failed / pending counts are recorded. Writes OUT/rollout_timeline.json and
@@ -27,8 +27,8 @@ if __package__ in (None, ""):
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 
-from fleet.demo import STEPS, WAVES, Demo, DemoFailed, DemoOptions, Step, StepResult, Timings, sweep
-from fleet.facade import NodeOutcome, RolloutState, RolloutView
+from fleet.controller.facade import NodeOutcome, RolloutState, RolloutView
+from fleet.tools.demo import STEPS, WAVES, Demo, DemoFailed, DemoOptions, Step, StepResult, Timings, sweep
 
 FAILED_OUTCOMES = (NodeOutcome.FAILED, NodeOutcome.UNREACHABLE, NodeOutcome.ROLLED_BACK)
 FINAL_STATES = (RolloutState.SUCCEEDED, RolloutState.ABORTED)

@@ -4,7 +4,7 @@ a delta update and the agent's peak RSS while applying an update.
     python bench/update_transfer.py [--size-mib 4] [--broker mosquitto|amqtt] [--quick]
 
 Prints ONE JSON document on stdout (progress on stderr). Everything runs on loopback: a throwaway PKI,
-a TLS broker on a free port, the release service (fleet.release_server) on its own controller
+a TLS broker on a free port, the release service (fleet.controller.release_service) on its own controller
 connection, real ``python -m agent.cli`` processes, tests/faultproxy.FaultProxy for the rate-limited and
 the cut link, and an operator observer that timestamps ``reported`` and ``artifact/req``. Delta sizes on
 real binaries are bench/delta_sizes.py's job, not this one's. Targets come from issue 4 ("Benchmarks").
@@ -44,12 +44,12 @@ from bench.common import (
     wait_for,
 )
 from certs import issue_controller, issue_operator
-from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.release_service import ReleaseServer, ReleaseService
 from fleet.protocol.codec import decode, encode
 from fleet.protocol.messages import DesiredState, Reported, UpdateState
 from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, node_topic
-from fleet.release_server import ReleaseServer, ReleaseService
 from fleet.releases import ReleaseManifest, ReleaseStore, build_release
 from tests.faultproxy import FaultProxy
 from tests.mqtt import Credentials, Endpoint, MqttClient

@@ -17,7 +17,7 @@ import pytest
 from broker.embedded import BrokerSettings, Listener, ThreadedBroker
 from broker.render import default_options, render
 from certs import PkiPaths, init_pki, issue_controller, issue_device, issue_operator, revoke
-from fleet.mqtt import TlsIdentity
+from fleet.controller.mqtt import TlsIdentity
 from tests.mqtt import Credentials, Endpoint
 
 DEVICES = ("gw-a", "gw-b")

@@ -12,7 +12,7 @@ from fleet.protocol.errors import FleetError
 
 if TYPE_CHECKING:
     from certs import ClientPaths, PkiPaths
-    from fleet.mqtt import TlsIdentity
+    from fleet.controller.mqtt import TlsIdentity
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fleet messaging and updates over MQTT.")
 
@@ -36,7 +36,7 @@ def parse_host_port(option: str, value: str, *, port_zero: bool = False) -> tupl
 
 def client_identity(pki: PkiPaths, client: ClientPaths, hint: str) -> TlsIdentity:
     """The CA and one client certificate of the PKI as a TLS identity; a missing file is named with ``hint``."""
-    from fleet.mqtt import TlsIdentity  # paho and cryptography load only for commands that connect
+    from fleet.controller.mqtt import TlsIdentity  # paho and cryptography load only for commands that connect
 
     identity = TlsIdentity(pki.ca_cert, client.cert, client.key)
     for path in (identity.ca, identity.cert, identity.key):

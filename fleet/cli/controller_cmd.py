@@ -38,8 +38,8 @@ def controller(
     lease_ttl: Annotated[float, typer.Option(help="with --share: seconds before a silent leader is replaced")] = 10.0,
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM."""
-    from fleet.api import create_app, serve_in_thread
-    from fleet.controller import Controller, ControllerSettings
+    from fleet.controller.api import create_app, serve_in_thread
+    from fleet.controller.service import Controller, ControllerSettings
 
     broker_host, broker_port = parse_host_port("--broker", broker, port_zero=True)
     http_host, http_port = parse_host_port("--http", http, port_zero=True)

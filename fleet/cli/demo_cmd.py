@@ -23,7 +23,7 @@ def demo(
     """Run the whole system on this machine: three staged rollouts, the last one a bad release."""
     from rich.console import Console
 
-    from fleet.demo import DemoOptions, run_demo
+    from fleet.tools.demo import DemoOptions, run_demo
 
     console = Console()
     if not console.is_terminal:

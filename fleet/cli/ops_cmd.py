@@ -5,7 +5,7 @@ back into the facade's view models, then shown as rich tables for people or as J
 (``-o json``). Every failure is one line and exit code 2: HTTP errors print the controller's own
 reason, an unreachable controller names the URL.
 
-This module deliberately does not import ``fleet.api``: the CLI should not pay for FastAPI.
+This module deliberately does not import ``fleet.controller.api``: the CLI should not pay for FastAPI.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleet.cli import fail
-from fleet.facade import (
+from fleet.controller.facade import (
     BadRequest,
     CommandView,
     NodeDetail,
@@ -41,7 +41,7 @@ from fleet.facade import (
     RolloutView,
     WaveView,
 )
-from fleet.facade import parse_selector as facade_parse_selector
+from fleet.controller.facade import parse_selector as facade_parse_selector
 
 T = TypeVar("T")
 

@@ -13,9 +13,9 @@ import typer
 
 from certs import PkiPaths
 from fleet.cli import client_identity, fail, parse_host_port
-from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.release_service import ReleaseServer, ReleaseService
 from fleet.protocol.errors import FleetError
-from fleet.release_server import ReleaseServer, ReleaseService
 from fleet.releases import ReleaseStore
 
 log = logging.getLogger(__name__)

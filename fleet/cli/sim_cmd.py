@@ -12,7 +12,7 @@ import typer
 
 from fleet.cli import fail, parse_host_port
 from fleet.protocol.errors import ConfigError
-from fleet.sim import SimSettings, Simulator
+from fleet.tools.sim import SimSettings, Simulator
 
 
 async def _run(settings: SimSettings) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import typer
 
 from certs import PkiPaths
 from fleet.cli import client_identity, fail, parse_host_port
-from fleet.mqtt import FleetMqtt, TlsIdentity
+from fleet.controller.mqtt import FleetMqtt, TlsIdentity
 from fleet.protocol.codec import to_json_line
 from fleet.protocol.errors import FleetError, InvalidMessage
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.mqtt import FleetMqtt
+from fleet.controller.mqtt import FleetMqtt
+from fleet.controller.release_service import ReleaseServer, ReleaseService
 from fleet.protocol.codec import decode, encode
 from fleet.protocol.messages import (
     ArtifactChunk,
@@ -25,7 +26,6 @@ from fleet.protocol.messages import (
 )
 from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, node_topic
-from fleet.release_server import ReleaseServer, ReleaseService
 from fleet.releases import ReleaseManifest, ReleaseStore, build_release
 from tests.agent.test_https_source import RangeServer
 from tests.agentproc import AgentProcess

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleet.api import ApiServer, create_app, parse_metric_key, serve_in_thread
-from fleet.facade import (
+from fleet.controller.api import ApiServer, create_app, parse_metric_key, serve_in_thread
+from fleet.controller.facade import (
     AckRecord,
     BadRequest,
     CommandView,

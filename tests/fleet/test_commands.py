@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet.commands import ACK_FILTER, CommandTracker
-from fleet.db import Database
-from fleet.facade import BadRequest, NotFound
-from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.commands import ACK_FILTER, CommandTracker
+from fleet.controller.facade import BadRequest, NotFound
+from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.storage import Database
 from fleet.protocol.codec import decode, encode
 from fleet.protocol.errors import TransportError
 from fleet.protocol.messages import Ack, AckStatus, Command

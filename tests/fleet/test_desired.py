@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet.controller import Controller, ControllerSettings
-from fleet.db import Database
-from fleet.desired import DesiredPublisher
-from fleet.facade import NotFound
-from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.desired import DesiredPublisher
+from fleet.controller.facade import NotFound
+from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.service import Controller, ControllerSettings
+from fleet.controller.storage import Database
 from fleet.protocol.codec import decode, decode_for_channel
 from fleet.protocol.errors import InvalidMessage, TransportError
 from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef, Reported

@@ -12,8 +12,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from fleet.api import create_app, serve_in_thread
 from fleet.cli import ops_cmd, watch_cmd
+from fleet.controller.api import create_app, serve_in_thread
 from tests.conftest import Pki, free_port
 from tests.fleet.test_api import MemoryController
 from tests.mqtt import Endpoint, connected

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from fleet.db import Database
-from fleet.facade import NodeStatus, NotFound
-from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.facade import NodeStatus, NotFound
+from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.registry import FILTERS, Registry
+from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, encode
 from fleet.protocol.messages import Event, Health, Heartbeat, Message, ProbeResult, Reported, Status, UpdateState
 from fleet.protocol.topics import Channel, node_topic
-from fleet.registry import FILTERS, Registry
 from tests.agentproc import AgentProcess
 from tests.conftest import Pki
 from tests.fakeclock import Clock

@@ -16,14 +16,14 @@ import typer
 from typer.testing import CliRunner
 
 from fleet.cli.serve_cmd import serve
-from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.release_service import RateLimiter, ReleaseServer, ReleaseService
 from fleet.protocol.artifacts import apply_delta, decompress_full
 from fleet.protocol.codec import decode, encode
 from fleet.protocol.errors import TransportError
 from fleet.protocol.messages import ArtifactChunk, ArtifactRequest
 from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, node_topic
-from fleet.release_server import RateLimiter, ReleaseServer, ReleaseService
 from fleet.releases import ReleaseManifest, ReleaseStore, build_release
 from tests.conftest import MosquittoProcess, Pki, free_port
 from tests.mqtt import Endpoint, MqttClient, connected, wait_until

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 import certs
-from fleet.db import Database
-from fleet.facade import (
+from fleet.controller.facade import (
     BadRequest,
     Conflict,
     NodeOutcome,
@@ -28,10 +27,11 @@ from fleet.facade import (
     RolloutState,
     RolloutView,
 )
+from fleet.controller.rollouts import AbortCriteria, RolloutEngine, parse_waves
+from fleet.controller.storage import Database
 from fleet.protocol.messages import ReleaseRef
 from fleet.protocol.signing import load_private_key
 from fleet.releases import ReleaseManifest, ReleaseStore, build_release
-from fleet.rollouts import AbortCriteria, RolloutEngine, parse_waves
 from tests.fakeclock import Clock
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,13 +17,13 @@ import httpx
 import pytest
 
 from certs import issue_device
-from fleet.db import Database
-from fleet.lease import Lease
+from fleet.controller.lease import Lease
+from fleet.controller.registry import Registry
+from fleet.controller.storage import Database
 from fleet.protocol.codec import encode
 from fleet.protocol.messages import Health, Heartbeat, Message, ProbeSpec, Reported, UpdateState
 from fleet.protocol.signing import load_private_key
 from fleet.protocol.topics import Channel, node_topic
-from fleet.registry import Registry
 from fleet.releases import build_release
 from tests.agentproc import AgentProcess
 from tests.apps import app_tree

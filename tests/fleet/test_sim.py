@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fleet.controller.release_service import Artifact
 from fleet.protocol import (
     Ack,
     ArtifactRequest,
@@ -27,8 +28,7 @@ from fleet.protocol import (
     node_topic,
     parse_node_topic,
 )
-from fleet.release_server import Artifact
-from fleet.sim import SimSettings, Simulator
+from fleet.tools.sim import SimSettings, Simulator
 from tests.conftest import Pki
 from tests.mqtt import Endpoint, MqttClient, Received, connected, wait_until
 

@@ -1,7 +1,7 @@
 """Answers agents' artifact requests (``artifact/req``) with chunks (``artifact/chunk``) from the store.
 
 Two layers: :class:`ReleaseServer` is the pure logic (request in, chunks out, no MQTT), and
-:class:`ReleaseService` wires it to a :class:`~fleet.mqtt.FleetMqtt` connection with a bounded worker
+:class:`ReleaseService` wires it to a :class:`~fleet.controller.mqtt.FleetMqtt` connection with a bounded worker
 pool and an optional per-node rate limit.
 
 Flow control is the agent's: it asks for a window of chunks and asks for the next window once it
@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from fleet.mqtt import FleetMqtt
+from fleet.controller.mqtt import FleetMqtt
 from fleet.protocol.codec import decode_for_channel, encode
 from fleet.protocol.errors import FleetError, InvalidMessage, TransportError
 from fleet.protocol.messages import ArtifactChunk, ArtifactRequest, digest_hex

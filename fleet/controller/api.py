@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleet.facade import (
+from fleet.controller.facade import (
     BadRequest,
     CommandView,
     Conflict,

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fleet.db import Database
-from fleet.facade import NotFound
+from fleet.controller.facade import NotFound
+from fleet.controller.storage import Database
 from fleet.protocol.codec import decode_raw, encode, validate
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef

@@ -38,8 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
-from fleet.db import Database
-from fleet.facade import (
+from fleet.controller.facade import (
     BadRequest,
     Conflict,
     NodeOutcome,
@@ -51,6 +50,7 @@ from fleet.facade import (
     RolloutView,
     WaveView,
 )
+from fleet.controller.storage import Database
 from fleet.protocol.messages import ReleaseRef, UpdateState
 from fleet.releases import ReleaseManifest, ReleaseNotFound, ReleaseStore
 
@@ -127,7 +127,7 @@ class FleetView(Protocol):
 
 
 class DesiredStates(Protocol):
-    """Implemented on top of fleet/desired.py's DesiredPublisher."""
+    """Implemented on top of fleet/controller/desired.py's DesiredPublisher."""
 
     def publish_release(self, node: str, release: ReleaseRef | None) -> int: ...
 
@@ -135,7 +135,7 @@ class DesiredStates(Protocol):
 
 
 class Commands(Protocol):
-    """Implemented by fleet/commands.py's CommandTracker."""
+    """Implemented by fleet/controller/commands.py's CommandTracker."""
 
     def send(
         self,

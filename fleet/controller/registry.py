@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.db import Database
-from fleet.facade import HealthRecord, NodeStatus, NodeView, NotFound
+from fleet.controller.facade import HealthRecord, NodeStatus, NodeView, NotFound
+from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import Event, Health, Heartbeat, Message, Reported, Status

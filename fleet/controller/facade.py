@@ -1,6 +1,6 @@
 """What the controller offers to its HTTP API and CLI: typed views and the operations on them.
 
-The HTTP layer (fleet/api.py) depends on this Protocol only, so it can be tested against any
+The HTTP layer (fleet/controller/api.py) depends on this Protocol only, so it can be tested against any
 implementation and the controller's internals can change without touching the API.
 """
 

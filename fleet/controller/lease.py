@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from fleet.db import Database
+from fleet.controller.storage import Database
 
 log = logging.getLogger(__name__)
 

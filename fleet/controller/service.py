@@ -9,7 +9,7 @@ resumes rollouts where they were.
 With ``share`` set, several controllers (each with its own identity) split ingest through MQTT
 shared subscriptions (``$share/<share>/...``: heartbeats, health, events and artifact requests)
 and share the database file; each also reads every status, reported state and ack, serves its
-share of artifact requests and answers the API. The holder of the lease (fleet.lease) alone
+share of artifact requests and answers the API. The holder of the lease (fleet.controller.lease) alone
 drives rollouts, resends commands and republishes desired state.
 """
 
@@ -24,26 +24,26 @@ from pathlib import Path
 from typing import Any
 
 from certs import PkiPaths
-from fleet.commands import CommandTracker
-from fleet.db import Database
-from fleet.desired import DesiredPublisher
-from fleet.facade import (
+from fleet.controller.commands import CommandTracker
+from fleet.controller.desired import DesiredPublisher
+from fleet.controller.facade import (
     CommandView,
     NodeDetail,
     NodeView,
     RolloutRequest,
     RolloutView,
 )
-from fleet.lease import Lease
-from fleet.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.lease import Lease
+from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
+from fleet.controller.registry import Registry
+from fleet.controller.release_service import ReleaseServer, ReleaseService
+from fleet.controller.rollouts import RolloutEngine
+from fleet.controller.storage import Database
 from fleet.protocol.codec import decode
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import ReleaseRef, Reported
 from fleet.protocol.topics import Channel, all_nodes_filter, parse_node_topic
-from fleet.registry import Registry
-from fleet.release_server import ReleaseServer, ReleaseService
 from fleet.releases import ReleaseStore
-from fleet.rollouts import RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class _DesiredAdapter:
 
 
 class Controller:
-    """Implements fleet.facade.ControllerFacade."""
+    """Implements fleet.controller.facade.ControllerFacade."""
 
     def __init__(self, settings: ControllerSettings) -> None:
         self.settings = settings

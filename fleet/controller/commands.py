@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleet.db import Database
-from fleet.facade import AckRecord, BadRequest, CommandView, NotFound
+from fleet.controller.facade import AckRecord, BadRequest, CommandView, NotFound
+from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel, encode
 from fleet.protocol.errors import FleetError, InvalidMessage
 from fleet.protocol.messages import Ack, AckStatus, Command

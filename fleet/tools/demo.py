@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from certs import PkiPaths, init_pki, issue_device
-from fleet.facade import NodeOutcome, NodeView, RolloutState, RolloutView, WaveView
+from fleet.controller.facade import NodeOutcome, NodeView, RolloutState, RolloutView, WaveView
 from fleet.protocol.errors import FleetError
 from fleet.protocol.messages import ProbeSpec
 from fleet.protocol.signing import load_private_key
