@@ -10,35 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.backoff import BackoffPolicy
+from fleet.protocol.durations import Duration, PositiveDuration
+from fleet.protocol.durations import parse_duration as parse_duration  # noqa: PLC0414 - re-exported for agent.daemon
+from fleet.protocol.envvars import env_overrides as _env_overrides
+from fleet.protocol.envvars import merge as _merge
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.ids import InvalidNodeId, validate_node_id
 from fleet.protocol.messages import ProbeSpec
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-
-
-def parse_duration(value: object) -> float:
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a string like 30s, 5m")  # noqa: TRY004 - pydantic wants ValueError
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str) and (match := _DURATION.match(value)):
-        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    raise ValueError(f"{value!r} is not a duration (e.g. 500ms, 30s, 5m, 1h)")
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 
 
 class Section(BaseModel):
@@ -207,33 +193,9 @@ def load_settings(path: Path) -> AgentSettings:
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``FLEET_AGENT_TLS__CA=/x`` -> ``{"tls": {"ca": "/x"}}``; values are read as YAML scalars or
-    flow collections, so ``true``, ``30s`` and ``{site: plant-3}`` mean what they do in the file.
-
-    Hand-rolled instead of pydantic-settings: that package alone adds 2.9 MiB to the agent's RSS.
-    """
-    overrides: dict[str, Any] = {}
-    for name, value in environ.items():
-        if not name.upper().startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
-            continue
-        path = name[len(ENV_PREFIX) :].lower().split("__")
-        node = overrides
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        try:
-            node[path[-1]] = yaml.safe_load(value) if value else value
-        except yaml.YAMLError:
-            node[path[-1]] = value
-    return overrides
-
-
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    flow collections, so ``true``, ``30s`` and ``{site: plant-3}`` mean what they do in the file
+    (fleet.protocol.envvars, shared with the controller)."""
+    return _env_overrides(environ, ENV_PREFIX)
 
 
 def _first_problem(exc: ValidationError) -> str:
