@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -46,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", action="version", version=f"fleet-agent {__version__}")
     args = parser.parse_args(argv)
     _configure_logging(args.log_level, args.log_format)
+
+    import asyncio  # not before: `fleet-agent --version` imports no more than it prints
 
     from agent.config import load_settings
     from agent.daemon import Agent

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
+from collections.abc import Collection
 from typing import TYPE_CHECKING, NoReturn
-
-import typer
 
 from fleet.protocol.errors import FleetError
 
@@ -14,7 +14,22 @@ if TYPE_CHECKING:
     from certs import ClientPaths, PkiPaths
     from fleet.controller.mqtt import TlsIdentity
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fleet messaging and updates over MQTT.")
+SERVER_EXTRA_MISSING = "fleet: error: the operator CLI needs the server extra: pip install 'fleet-mqtt[server]'"
+# Installed by pyproject's [server] extra only (the agent install lacks them); an ImportError naming
+# one of these while the CLI starts is reported as SERVER_EXTRA_MISSING instead of a traceback.
+SERVER_ONLY_MODULES = frozenset(
+    {"typer", "click", "rich", "amqtt", "fastapi", "starlette", "uvicorn", "prometheus_client", "httpx"}
+)
+
+try:
+    import typer
+except ImportError as exc:  # the agent-only install: `main` says what is missing, nothing else here runs
+    if exc.name not in SERVER_ONLY_MODULES:
+        raise
+    _server_extra_installed = False
+else:
+    _server_extra_installed = True
+    app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fleet messaging and updates over MQTT.")
 
 
 def fail(message: str) -> NoReturn:
@@ -45,47 +60,97 @@ def client_identity(pki: PkiPaths, client: ClientPaths, hint: str) -> TlsIdentit
     return identity
 
 
+# Every sub-command: name -> (module in fleet.cli, attribute, the one-line help `fleet --help` lists).
+# A Typer attribute is mounted as a sub-app, a function as a command; the order is the listing's.
+# `main` imports only the module of the command being run; the others are listed through a
+# placeholder carrying their help line, so `fleet --help` imports neither the broker (amqtt) nor the
+# controller (fastapi, uvicorn). tests/fleet/test_cli_lazy.py checks these lines against the modules.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "certs": ("certs_cmd", "app", "PKI: CA, server, identities, CRL."),
+    "broker": (
+        "broker_cmd",
+        "broker",
+        "Run the embedded mutual-TLS broker, or render its policy for Mosquitto or EMQX.",
+    ),
+    "release": ("release_cmd", "app", "Releases: build, list, delta, verify."),
+    "controller": ("controller_cmd", "controller", "Run the fleet controller until SIGINT/SIGTERM."),
+    "nodes": ("ops_cmd", "nodes", "List nodes: id, status, version, health, last seen, labels."),
+    "node": ("ops_cmd", "node", "One node: reported state, health history, recent commands and acks."),
+    "send": (
+        "ops_cmd",
+        "send",
+        "Send a command to a node; with --wait, follow its ack trail (exit 1 if it fails or times out).",
+    ),
+    "rollout": ("ops_cmd", "rollout_app", "Staged, health-gated rollouts."),
+    "watch": (
+        "watch_cmd",
+        "watch",
+        "Print the messages on FILTER as JSON lines (msgpack decoded) until --count or Ctrl-C.",
+    ),
+    "demo": (
+        "demo_cmd",
+        "demo",
+        "Run the whole system on this machine: three staged rollouts, the last one a bad release.",
+    ),
+    "sim": ("sim_cmd", "sim", "Simulate a fleet over the real protocol (load generator and benchmark engine)."),
+}
+_SUB_APPS = frozenset({"certs", "release", "rollout"})
+
 _registered = False
 
 
-def _register_subcommands() -> None:
-    """Mount the sub-apps once; imported lazily so `fleet --help` stays fast."""
+def _register_subcommands(load: Collection[str] | None = None) -> None:
+    """Mount the sub-commands once: those named in ``load`` (all when None) from their modules, the
+    others as placeholders that only carry their help line."""
     global _registered  # noqa: PLW0603 - one-time registration on the module-level app
     if _registered:
         return
     _registered = True
-    from fleet.cli import (
-        broker_cmd,
-        certs_cmd,
-        controller_cmd,
-        demo_cmd,
-        ops_cmd,
-        release_cmd,
-        serve_cmd,
-        sim_cmd,
-        watch_cmd,
-    )
+    for name, (module_name, attribute, help_line) in SUBCOMMANDS.items():
+        if load is not None and name not in load:
+            if name in _SUB_APPS:
+                app.add_typer(typer.Typer(), name=name, help=help_line)
+            else:
+                app.command(name, help=help_line)(_placeholder)
+            continue
+        target = getattr(importlib.import_module(f"fleet.cli.{module_name}"), attribute)
+        if name == "release":
+            from fleet.cli import serve_cmd
 
-    app.add_typer(certs_cmd.app, name="certs")
-    app.command("broker")(broker_cmd.broker)
-    release_cmd.app.command("serve")(serve_cmd.serve)
-    app.add_typer(release_cmd.app, name="release")
-    app.command("controller")(controller_cmd.controller)
-    app.command("nodes")(ops_cmd.nodes)
-    app.command("node")(ops_cmd.node)
-    app.command("send")(ops_cmd.send)
-    app.add_typer(ops_cmd.rollout_app, name="rollout")
-    app.command("watch")(watch_cmd.watch)
-    app.command("demo")(demo_cmd.demo)
-    app.command("sim")(sim_cmd.sim)
+            target.command("serve")(serve_cmd.serve)
+        if isinstance(target, typer.Typer):
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
+
+
+def _placeholder() -> None:
+    """Stands in for a command that was not loaded: `main` loads the one it runs."""
+    fail("internal: this command was not loaded")
+
+
+def _command_on(argv: list[str]) -> str | None:
+    """The sub-command ``fleet`` is asked to run: its first argument that is not an option (the
+    top-level takes no option with a value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def main() -> None:
+    if not _server_extra_installed:
+        print(SERVER_EXTRA_MISSING, file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt logs every connection and plugin load at INFO; the fleet's own lines say what matters.
     for chatty in ("amqtt", "httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    _register_subcommands()
+    command = _command_on(sys.argv[1:])
+    try:
+        _register_subcommands(load=() if command is None else (command,))
+    except ImportError as exc:  # a server library is missing while typer is not (a partial install)
+        if (exc.name or "").partition(".")[0] not in SERVER_ONLY_MODULES:
+            raise
+        print(SERVER_EXTRA_MISSING, file=sys.stderr)
+        sys.exit(2)
     try:
         app()
     except FleetError as exc:  # anything not already turned into a one-line error
