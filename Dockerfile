@@ -15,9 +15,13 @@ COPY fleet /tmp/fleet-src/fleet
 COPY agent /tmp/fleet-src/agent
 COPY broker /tmp/fleet-src/broker
 COPY certs /tmp/fleet-src/certs
-RUN pip install /tmp/fleet-src \
+# The [server] extra: controller, broker and the `fleet` CLI (the base install is the agent's alone;
+# this image runs both, see docker-compose.yml). `fleet broker --help` imports the broker (amqtt),
+# so a missing server library fails the build rather than the first container.
+RUN pip install '/tmp/fleet-src[server]' \
     && rm -rf /tmp/fleet-src \
     && fleet --help >/dev/null \
+    && fleet broker --help >/dev/null \
     && fleet-agent --version
 
 # uid/gid 10001: make the private keys the containers read owned by it, e.g.

@@ -4,15 +4,22 @@ BIN := $(VENV)/bin
 PKI ?= ./pki
 LISTEN ?= 127.0.0.1:8883
 
-.PHONY: setup run broker test lint unit clean
+.PHONY: setup sysdeps run broker test lint unit clean
 
 $(BIN)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[server,dev]'
 	touch $@
 
+# The [server] extra (controller, broker, `fleet` CLI) and the test tools; the agent alone needs
+# neither (deploy/install-agent.sh installs the wheel without extras).
 setup: $(BIN)/.installed
+
+# System packages the tests use (mosquitto, docker-compose, nftables, ...; the list is in the
+# script): installed when run as root, otherwise one line says which are missing and how to install them.
+sysdeps:
+	@sh .ci/sysdeps.sh
 
 # The main job: the whole system on one machine (PKI, embedded broker, controller, real agents,
 # three staged rollouts including a bad release that is rolled back), then a summary; exit 0 = all good.
@@ -34,8 +41,8 @@ lint: setup
 unit: setup
 	$(BIN)/pytest -q
 
-# Everything CI runs: style, types, layering, then the tests against real brokers.
-test: lint unit
+# Everything CI runs: system packages, style, types, layering, then the tests against real brokers.
+test: sysdeps lint unit
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -34,6 +34,8 @@ target="$PREFIX/venvs/${actual%"${actual#????????????}"}"
 mkdir -p "$PREFIX/venvs"
 rm -rf "$target"
 python3 -m venv "$target"
+# The wheel without extras: the agent's dependencies only. The controller, broker and `fleet` CLI
+# libraries (pyproject's [server] extra: amqtt, fastapi, uvicorn, typer, ...) stay off the gateway.
 # shellcheck disable=SC2086 # PIP_ARGS is a list of flags
 "$target/bin/pip" install --quiet ${PIP_ARGS:-} "$package"
 "$target/bin/fleet-agent" --version >/dev/null

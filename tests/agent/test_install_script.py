@@ -1,4 +1,5 @@
-"""deploy/install-agent.sh: the package's sha256 is checked before anything is installed."""
+"""deploy/install-agent.sh: the package's sha256 is checked before anything is installed, and the
+agent is installed without the [server] extra."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The project's wheel plus every dependency: what an offline gateway gets shipped."""
+    """The project's wheel plus its base dependencies (no extras): what an offline gateway gets shipped."""
     out = tmp_path_factory.mktemp("wheelhouse")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(out), str(ROOT)],
@@ -79,3 +80,21 @@ def test_verified_package_is_installed_with_its_unit(wheel: Path, tmp_path: Path
     assert "Restart=always" in unit
     assert "WatchdogSec=" in unit
     assert (prefix / "etc" / "config.yaml").read_text() == "node_id: gw-0001\n"
+
+
+def test_agent_install_has_no_server_libraries(wheelhouse: Path, wheel: Path, tmp_path: Path) -> None:
+    # The wheelhouse was built from the base requirements only, and the install is offline: had the
+    # script asked for an extra, pip would have failed. Check the result all the same.
+    shipped = {path.name.split("-")[0].lower() for path in wheelhouse.glob("*.whl")}
+    assert not shipped & {"amqtt", "fastapi", "uvicorn", "starlette", "typer", "rich", "prometheus_client", "httpx"}
+    prefix = tmp_path / "opt"
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    assert run_install(wheel, digest, prefix).returncode == 0
+    venv = prefix / "venv"
+    subprocess.run([str(venv / "bin" / "fleet-agent"), "--version"], check=True, capture_output=True, timeout=60)
+    # The operator CLI is in the same wheel; without the [server] extra it says what to install.
+    result = subprocess.run(
+        [str(venv / "bin" / "fleet"), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 2
+    assert result.stderr == "fleet: error: the operator CLI needs the server extra: pip install 'fleet-mqtt[server]'\n"
