@@ -55,7 +55,8 @@ from bench.common import BenchPki, mib, running_broker, say, wait_for
 from certs import PkiPaths, issue_controller
 from fleet.controller.mqtt import FleetMqtt, TlsIdentity
 from fleet.controller.registry import Registry
-from fleet.controller.service import Controller, ControllerSettings
+from fleet.controller.service import Controller
+from fleet.controller.settings import BrokerSettings, ControllerSettings, ReleaseSettings, StorageSettings
 from fleet.controller.storage import Database
 from fleet.protocol.codec import encode
 from fleet.protocol.messages import Heartbeat
@@ -248,11 +249,9 @@ def controller_main(spec: ControllerSpec, conn: Connection, ingested: Synchroniz
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="controller %(levelname)s %(message)s")
     controller = Controller(
         ControllerSettings(
-            pki=spec.pki,
-            broker_host=spec.host,
-            broker_port=spec.port,
-            db=spec.workdir / "controller.db",
-            store=spec.workdir / "store",
+            broker=BrokerSettings(host=spec.host, port=spec.port, certs=spec.pki.root),
+            storage=StorageSettings(db=spec.workdir / "controller.db"),
+            releases=ReleaseSettings(store=spec.workdir / "store"),
         )
     )
     controller.start()

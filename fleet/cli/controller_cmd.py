@@ -1,65 +1,127 @@
-"""``fleet controller``: the controller service (registry, commands, rollouts, release serving, HTTP API)."""
+"""``fleet controller``: the controller service (registry, commands, rollouts, release serving, HTTP API).
+
+The settings, their defaults and their validation are fleet.controller.settings; this module only
+maps flags (and the CLI-wide FLEET_CERTS / FLEET_BROKER) onto fields of that tree.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 
-from certs import PkiPaths
 from fleet.cli import fail, parse_host_port
+from fleet.controller.settings import ControllerSettings, Setting, load_settings
 from fleet.protocol.errors import FleetError
 
 log = logging.getLogger(__name__)
 
+# Flag (parameter name) -> the field it sets; --broker and --http set host and port (see _settings_of).
+FIELDS = {
+    "certs": "broker.certs",
+    "identity": "broker.identity",
+    "share": "broker.share",
+    "db": "storage.db",
+    "store": "releases.store",
+    "max_transfers": "releases.max_transfers",
+    "rate_limit": "releases.rate_limit",
+    "tick_interval": "timing.tick_interval",
+    "stale_after": "timing.stale_after",
+    "offline_after": "timing.offline_after",
+    "lease_ttl": "timing.lease_ttl",
+}
+ADDRESSES = {"broker": "broker", "http": "http"}  # HOST:PORT flags -> the section holding host and port
+
+
+def _about(field: str) -> str:
+    """Help text from the settings tree: the field's description, its name there and its default."""
+    model: type[BaseModel] = ControllerSettings
+    *sections, name = field.split(".")
+    for section in sections:
+        annotation = model.model_fields[section].annotation
+        assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        model = annotation
+    info = model.model_fields[name]
+    default = "required" if info.is_required() else f"default {_show(info.default)}"
+    return f"{info.description} (setting {field}; {default})"  # not [...]: rich markup
+
+
+def _about_address(section: str) -> str:
+    host, port = _about(f"{section}.host"), _about(f"{section}.port")
+    return f"HOST:PORT: {host}; {port}"
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}s"  # every float setting is a duration
+    return str(value)
+
 
 def controller(
-    certs: Annotated[Path, typer.Option("--certs", envvar="FLEET_CERTS", help="PKI directory")],
-    broker: Annotated[str, typer.Option("--broker", envvar="FLEET_BROKER", help="broker HOST:PORT")],
-    db: Annotated[Path, typer.Option("--db", help="SQLite database file")] = Path("fleet.db"),
-    store: Annotated[Path, typer.Option("--store", help="release store directory")] = Path("releases"),
-    http: Annotated[str, typer.Option("--http", help="HTTP API HOST:PORT")] = "127.0.0.1:8080",
-    identity: Annotated[str | None, typer.Option(help="controller identity under certs/controllers/")] = None,
-    stale_after: Annotated[float, typer.Option(help="seconds without heartbeat before a node is stale")] = 90.0,
-    offline_after: Annotated[float, typer.Option(help="seconds without any message before offline")] = 300.0,
-    max_transfers: Annotated[int, typer.Option(help="artifact requests served at once")] = 8,
-    rate_limit: Annotated[int | None, typer.Option(help="artifact bytes per second per device")] = None,
-    share: Annotated[
-        str | None,
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
         typer.Option(
-            help="split ingest with the other controllers of this group ($share/GROUP/...; they must use the same"
-            " --db file and each its own --identity); the lease holder drives rollouts"
+            "--config",
+            help="YAML settings file (sections broker, storage, releases, timing, http; docs/operations.md);"
+            " FLEET_CONTROLLER_<SECTION>__<FIELD> variables override it, flags override both",
+            metavar="FILE",
         ),
     ] = None,
-    lease_ttl: Annotated[float, typer.Option(help="with --share: seconds before a silent leader is replaced")] = 10.0,
+    certs: Annotated[
+        Path | None, typer.Option("--certs", envvar="FLEET_CERTS", help=_about("broker.certs"), metavar="DIR")
+    ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            envvar="FLEET_BROKER",
+            help=_about_address("broker"),
+            metavar="HOST:PORT",
+        ),
+    ] = None,
+    db: Annotated[Path | None, typer.Option("--db", help=_about("storage.db"), metavar="FILE")] = None,
+    store: Annotated[Path | None, typer.Option("--store", help=_about("releases.store"), metavar="DIR")] = None,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            help=_about_address("http"),
+            metavar="HOST:PORT",
+        ),
+    ] = None,
+    identity: Annotated[str | None, typer.Option(help=_about("broker.identity"), metavar="NAME")] = None,
+    stale_after: Annotated[str | None, typer.Option(help=_about("timing.stale_after"), metavar="DURATION")] = None,
+    offline_after: Annotated[str | None, typer.Option(help=_about("timing.offline_after"), metavar="DURATION")] = None,
+    tick_interval: Annotated[str | None, typer.Option(help=_about("timing.tick_interval"), metavar="DURATION")] = None,
+    max_transfers: Annotated[str | None, typer.Option(help=_about("releases.max_transfers"), metavar="N")] = None,
+    rate_limit: Annotated[str | None, typer.Option(help=_about("releases.rate_limit"), metavar="BYTES")] = None,
+    share: Annotated[str | None, typer.Option(help=_about("broker.share"), metavar="GROUP")] = None,
+    lease_ttl: Annotated[str | None, typer.Option(help=_about("timing.lease_ttl"), metavar="DURATION")] = None,
 ) -> None:
-    """Run the fleet controller until SIGINT/SIGTERM."""
-    from fleet.controller.api import create_app, serve_in_thread
-    from fleet.controller.service import Controller, ControllerSettings
+    """Run the fleet controller until SIGINT/SIGTERM.
 
-    broker_host, broker_port = parse_host_port("--broker", broker, port_zero=True)
-    http_host, http_port = parse_host_port("--http", http, port_zero=True)
-    settings = ControllerSettings(
-        pki=PkiPaths(certs),
-        broker_host=broker_host,
-        broker_port=broker_port,
-        db=db,
-        store=store,
-        identity=identity,
-        stale_after=stale_after,
-        offline_after=offline_after,
-        max_transfers=max_transfers,
-        rate_limit=rate_limit,
-        share=share,
-        lease_ttl=lease_ttl,
-    )
+    Settings: defaults < --config FILE < environment (FLEET_CERTS, FLEET_BROKER, then FLEET_CONTROLLER_*) < flags.
+
+    Durations are seconds or 500ms, 30s, 5m, 1h.
+    """
+    from fleet.controller.api import create_app, serve_in_thread
+    from fleet.controller.service import Controller
+
+    # The values arrive as ctx.params too, which also says whether each came from the command
+    # line or from the option's own environment variable.
+    settings = _load(ctx, config)
     try:
         service = Controller(settings)
-        api = serve_in_thread(create_app(service), http_host, http_port)
+        api = serve_in_thread(create_app(service), settings.http.host, settings.http.port)
         service.start()
     except FleetError as exc:
         fail(str(exc))
@@ -71,3 +133,31 @@ def controller(
     log.info("controller stopping")
     api.stop()
     service.stop()
+
+
+def _load(ctx: typer.Context, config: Path | None) -> ControllerSettings:
+    options = {param.name: param for param in ctx.command.params}
+    cli_env: list[Setting] = []
+    flags: list[Setting] = []
+    for name, value in ctx.params.items():
+        if value is None or name == "config":
+            continue
+        option = options[name]
+        origin = ctx.get_parameter_source(name)  # click's ParameterSource (typer vendors its own click)
+        from_env = origin is not None and origin.name == "ENVIRONMENT"
+        source = str(option.envvar) if from_env else option.opts[0]
+        (cli_env if from_env else flags).extend(_settings_of(name, value, source))
+    hints = {field: f"--{name.replace('_', '-')}" for name, field in FIELDS.items()}
+    hints |= {"broker.host": "--broker", "broker.port": "--broker"}
+    try:
+        return load_settings(config, os.environ, cli_env=cli_env, flags=flags, hints=hints)
+    except FleetError as exc:
+        fail(str(exc))
+
+
+def _settings_of(name: str, value: Any, source: str) -> list[Setting]:
+    if name in ADDRESSES:
+        host, port = parse_host_port(source, str(value), port_zero=True)
+        section = ADDRESSES[name]
+        return [Setting(f"{section}.host", host, source), Setting(f"{section}.port", port, source)]
+    return [Setting(FIELDS[name], value, source)]

@@ -6,7 +6,7 @@ thread flushes telemetry, resends unacknowledged commands and drives rollouts; t
 in its own thread. All state lives in one SQLite file, so a restart (also after ``kill -9``)
 resumes rollouts where they were.
 
-With ``share`` set, several controllers (each with its own identity) split ingest through MQTT
+With ``broker.share`` set, several controllers (each with its own identity) split ingest through MQTT
 shared subscriptions (``$share/<share>/...``: heartbeats, health, events and artifact requests)
 and share the database file; each also reads every status, reported state and ack, serves its
 share of artifact requests and answers the API. The holder of the lease (fleet.controller.lease) alone
@@ -19,11 +19,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from certs import PkiPaths
 from fleet.controller.commands import CommandTracker
 from fleet.controller.desired import DesiredPublisher
 from fleet.controller.facade import (
@@ -38,6 +35,7 @@ from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
 from fleet.controller.registry import Registry
 from fleet.controller.release_service import ReleaseServer, ReleaseService
 from fleet.controller.rollouts import RolloutEngine
+from fleet.controller.settings import ControllerSettings
 from fleet.controller.storage import Database
 from fleet.protocol.codec import decode
 from fleet.protocol.errors import InvalidMessage
@@ -54,27 +52,13 @@ INGEST_CHANNELS = (Channel.STATUS, Channel.HEARTBEAT, Channel.HEALTH, Channel.RE
 SHARED_CHANNELS = frozenset({Channel.HEARTBEAT, Channel.HEALTH, Channel.EVENTS})
 
 
-@dataclass(frozen=True)
-class ControllerSettings:
-    pki: PkiPaths
-    broker_host: str
-    broker_port: int
-    db: Path
-    store: Path
-    identity: str | None = None  # controllers/<name> under the PKI; None: controller.pem
-    tick_interval: float = 0.5
-    stale_after: float = 90.0
-    offline_after: float = 300.0
-    max_transfers: int = 8
-    rate_limit: int | None = None
-    share: str | None = None  # shared-ingest group name; None: this controller is alone
-    lease_ttl: float = 10.0
-
-    def tls_identity(self) -> TlsIdentity:
-        if self.identity is None:
-            return TlsIdentity(self.pki.ca_cert, self.pki.controller_cert, self.pki.controller_key)
-        client = self.pki.controller(self.identity)
-        return TlsIdentity(self.pki.ca_cert, client.cert, client.key)
+def tls_identity(settings: ControllerSettings) -> TlsIdentity:
+    """The CA and the controller certificate the settings name (``broker.identity``, or controller.pem)."""
+    pki = settings.pki
+    if settings.broker.identity is None:
+        return TlsIdentity(pki.ca_cert, pki.controller_cert, pki.controller_key)
+    client = pki.controller(settings.broker.identity)
+    return TlsIdentity(pki.ca_cert, client.cert, client.key)
 
 
 class _DesiredAdapter:
@@ -95,29 +79,31 @@ class Controller:
     """Implements fleet.controller.facade.ControllerFacade."""
 
     def __init__(self, settings: ControllerSettings) -> None:
+        """``settings`` are validated already (fleet.controller.settings.load_settings, or built in code)."""
         self.settings = settings
-        self.db = Database(settings.db)
+        broker, timing, releases = settings.broker, settings.timing, settings.releases
+        self.db = Database(settings.storage.db)
         self.mqtt = FleetMqtt(
-            settings.broker_host,
-            settings.broker_port,
-            settings.tls_identity(),
-            options=MqttOptions(clean_session=settings.share is not None),
+            broker.host,
+            broker.port,
+            tls_identity(settings),
+            options=MqttOptions(clean_session=broker.share is not None),
         )
-        self.registry = Registry(self.db, stale_after=settings.stale_after, offline_after=settings.offline_after)
+        self.registry = Registry(self.db, stale_after=timing.stale_after, offline_after=timing.offline_after)
         self.commands = CommandTracker(self.db, self._publish)
         self.desired = DesiredPublisher(self.db, self._publish_retained)
-        self.releases = ReleaseStore(settings.store)
+        self.releases = ReleaseStore(releases.store)
         self.rollouts_engine = RolloutEngine(
             self.db, self.registry, _DesiredAdapter(self.desired), self.commands, self.releases
         )
         self.release_service = ReleaseService(
             self.mqtt,
             ReleaseServer(self.releases),
-            max_transfers=settings.max_transfers,
-            rate_limit=settings.rate_limit,
-            share=settings.share,
+            max_transfers=releases.max_transfers,
+            rate_limit=releases.rate_limit,
+            share=broker.share,
         )
-        self.lease = None if settings.share is None else Lease(self.db, self.mqtt.client_id, ttl=settings.lease_ttl)
+        self.lease = None if broker.share is None else Lease(self.db, self.mqtt.client_id, ttl=timing.lease_ttl)
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self._heartbeat_rate = 0.0
@@ -128,7 +114,7 @@ class Controller:
 
     def start(self) -> None:
         for channel in INGEST_CHANNELS:
-            share = self.settings.share if channel in SHARED_CHANNELS else None
+            share = self.settings.broker.share if channel in SHARED_CHANNELS else None
             self.mqtt.subscribe(all_nodes_filter(channel), self._ingest, replays=self._ingest_replay, share=share)
         self.mqtt.subscribe(all_nodes_filter(Channel.ACK), self.commands.on_ack)
         self.mqtt.start()
@@ -151,7 +137,7 @@ class Controller:
         self.db.close()
 
     def _tick_forever(self) -> None:
-        while not self._stopping.wait(self.settings.tick_interval):
+        while not self._stopping.wait(self.settings.timing.tick_interval):
             self.tick()
 
     @property

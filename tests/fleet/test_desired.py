@@ -10,7 +10,8 @@ import pytest
 from fleet.controller.desired import DesiredPublisher
 from fleet.controller.facade import NotFound
 from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
-from fleet.controller.service import Controller, ControllerSettings
+from fleet.controller.service import Controller
+from fleet.controller.settings import BrokerSettings, ControllerSettings, ReleaseSettings, StorageSettings
 from fleet.controller.storage import Database
 from fleet.protocol.codec import decode, decode_for_channel
 from fleet.protocol.errors import InvalidMessage, TransportError
@@ -204,9 +205,10 @@ def test_controller_start_republishes_desired_state_stored_but_never_published(
     generation = crashed.publish_config("gw-b", {"mode": "eco"})
     pki.own_controller("ctl-republish")
     settings = ControllerSettings(
-        pki=pki.paths, broker_host=embedded.host, broker_port=embedded.port, db=database,
-        store=tmp_path / "store", identity="ctl-republish",
-    )  # fmt: skip
+        broker=BrokerSettings(host=embedded.host, port=embedded.port, certs=pki.paths.root, identity="ctl-republish"),
+        storage=StorageSettings(db=database),
+        releases=ReleaseSettings(store=tmp_path / "store"),
+    )
     controller = Controller(settings)
     controller.start()
     try:
