@@ -14,6 +14,11 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+# paho reports an MQTT 3.1.1 CONNACK return code as the MQTT 5 reason code of the same meaning.
+_V311_CONNACK = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+CONNACK_ACCEPTED = 0
+CONNACK_NOT_AUTHORIZED = 5
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -63,6 +68,7 @@ class MqttClient:
     disconnected: threading.Event = field(default_factory=threading.Event)
     subacks: queue.Queue[list[int]] = field(default_factory=queue.Queue)
     seen: list[Received] = field(default_factory=list)
+    connack_code: int | None = None  # the CONNACK return code of the last try_connect (None: none came)
 
     def __post_init__(self) -> None:
         self.client = mqtt.Client(
@@ -85,7 +91,8 @@ class MqttClient:
         self.client.on_subscribe = self._on_subscribe
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        self.connack.put(int(getattr(reason, "value", reason)))  # type: ignore[call-overload]
+        code = int(getattr(reason, "value", reason))  # type: ignore[call-overload]
+        self.connack.put(_V311_CONNACK.get(code, code))
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.messages.put(Received(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
@@ -110,10 +117,12 @@ class MqttClient:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                return self.connack.get(timeout=0.05) == 0
+                self.connack_code = self.connack.get(timeout=0.05)
             except queue.Empty:
                 if self.disconnected.is_set():
                     return False
+                continue
+            return self.connack_code == 0
         return False
 
     def connect(self, timeout: float = 10.0) -> MqttClient:

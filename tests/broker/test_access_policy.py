@@ -12,9 +12,17 @@ import time
 import pytest
 
 from certs import revoke
-from fleet.protocol.topics import Channel, node_topic
+from fleet.protocol.topics import DEVICE_SUBSCRIBES, Channel, node_topic
 from tests.conftest import Pki
-from tests.mqtt import Endpoint, MqttClient, connected, wait_until
+from tests.mqtt import (
+    CONNACK_ACCEPTED,
+    CONNACK_NOT_AUTHORIZED,
+    Endpoint,
+    MqttClient,
+    Received,
+    connected,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -280,3 +288,108 @@ def test_embedded_broker_disconnects_a_device_revoked_while_connected(embedded: 
         assert not MqttClient(embedded, pki.device("gw-late")).try_connect()
     finally:
         device.client.loop_stop()
+
+
+# ---- last will (issue 11) ------------------------------------------------------------------------
+#
+# A will is a publish the broker makes on the client's behalf after the client is gone, so it must
+# pass the same ACL as the client's own PUBLISH. What a broker does with a denied will at CONNECT
+# differs: the embedded broker refuses the connection (CONNACK 5) so a denied will is never
+# stored; Mosquitto 2.0 accepts the connection and drops the will when it would be sent
+# (context__send_will checks the ACL then). Either way nothing may ever be delivered or retained.
+DENIED_WILL_CONNACK = {"amqtt": CONNACK_NOT_AUTHORIZED, "mosquitto": CONNACK_ACCEPTED}
+FORGED = b"forged will"
+NO_WILL_WITHIN = 2.0  # seconds a subscriber waits for a will that must not come
+
+
+def _payloads(messages: list[Received], topic: str) -> list[bytes]:
+    return [m.payload for m in messages if m.topic == topic]
+
+
+@pytest.mark.parametrize("retain", [False, True], ids=["plain", "retained"])
+@pytest.mark.parametrize("channel", [Channel.DESIRED, Channel.CMD, Channel.REPORTED, Channel.STATUS], ids=str)
+def test_defect_10_will_on_another_devices_topic_is_never_published(
+    broker: Endpoint, pki: Pki, channel: Channel, retain: bool
+) -> None:
+    """gw-b sets its will on gw-a's topic and drops the link without DISCONNECT: nobody gets it."""
+    topic = node_topic("gw-a", channel)
+    genuine = f"genuine {channel}".encode()
+    with connected(broker, pki.controller()) as controller, connected(broker, pki.device("gw-a")) as victim:
+        if retain:
+            controller.publish(topic, genuine, retain=True)  # what the forged will would overwrite
+        listeners = [controller, victim] if channel in DEVICE_SUBSCRIBES else [controller]
+        for listener in listeners:
+            listener.subscribe(topic)
+        attacker = MqttClient(broker, pki.device("gw-b"), will=(topic, FORGED, 1, retain))
+        try:
+            attacker.try_connect()
+        finally:
+            attacker.cut()
+        time.sleep(NO_WILL_WITHIN)
+        for listener in listeners:
+            assert FORGED not in _payloads(listener.drain(), topic), f"{topic}: forged will delivered"
+    if retain:
+        with connected(broker, pki.operator()) as fresh:
+            fresh.subscribe(topic)
+            fresh.expect(on(topic))
+            assert _payloads(fresh.drain(settle=0.3), topic) == [genuine], f"{topic}: retained message replaced"
+    assert attacker.connack_code == DENIED_WILL_CONNACK[broker.kind]
+
+
+@pytest.mark.parametrize("retain", [False, True], ids=["plain", "retained"])
+def test_will_on_own_status_is_delivered(broker: Endpoint, pki: Pki, retain: bool) -> None:
+    """The positive case: offline status works through a device's will on its own status topic."""
+    status = node_topic("gw-b", Channel.STATUS)
+    with connected(broker, pki.controller()) as controller:
+        controller.subscribe(status)
+        device = MqttClient(broker, pki.device("gw-b"), will=(status, b"offline", 1, retain)).connect()
+        device.cut()
+        assert controller.expect(on(status)).payload == b"offline"
+    with connected(broker, pki.operator()) as fresh:
+        fresh.subscribe(status)
+        if retain:
+            assert fresh.expect(on(status)).payload == b"offline"
+        assert _payloads(fresh.drain(settle=0.3), status) == ([b"offline"] if retain else [])
+
+
+def test_operators_will_on_desired_state_is_never_published(broker: Endpoint, pki: Pki) -> None:
+    """Not only devices: an operator may write commands only, so its will may not set desired state."""
+    topic = node_topic("gw-a", Channel.DESIRED)
+    with connected(broker, pki.controller()) as controller:
+        controller.subscribe(topic)
+        attacker = MqttClient(broker, pki.operator("alice"), will=(topic, FORGED, 1, True))
+        try:
+            attacker.try_connect()
+        finally:
+            attacker.cut()
+        time.sleep(NO_WILL_WITHIN)
+        assert _payloads(controller.drain(), topic) == []
+    assert attacker.connack_code == DENIED_WILL_CONNACK[broker.kind]
+
+
+def test_will_topic_with_a_wildcard_is_refused(broker: Endpoint, pki: Pki) -> None:
+    """A will topic is a topic name (MQTT-3.1.3-10 via 3.3.2-2): no wildcards, whoever sets it."""
+    topic = node_topic("gw-a", Channel.DESIRED)
+    with connected(broker, pki.operator()) as operator:
+        operator.subscribe("fleet/v1/#")
+        attacker = MqttClient(broker, pki.controller(), will=(topic, FORGED, 1, True))
+        attacker.client._will_topic = b"fleet/v1/nodes/+/desired"  # paho refuses to set it otherwise
+        try:
+            assert not attacker.try_connect()
+        finally:
+            attacker.cut()
+        time.sleep(NO_WILL_WITHIN)
+        assert [m.payload for m in operator.drain()] == []
+
+
+def test_refused_will_leaves_the_live_connection_and_session_alone(embedded: Endpoint, pki: Pki) -> None:
+    """The will is checked before any takeover: a refused CONNECT does not kick the live device."""
+    with connected(embedded, pki.device("gw-b"), client_id="gw-b") as live:
+        second = MqttClient(embedded, pki.device("gw-b"), will=(node_topic("gw-a", Channel.DESIRED), FORGED, 1, True))
+        try:
+            assert not second.try_connect()
+            assert second.connack_code == CONNACK_NOT_AUTHORIZED
+        finally:
+            second.cut()
+        time.sleep(0.3)
+        assert live.client.is_connected() and not live.disconnected.is_set()
