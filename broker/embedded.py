@@ -2,7 +2,7 @@
 
 The stock amqtt broker, measured on 0.12.1, is unsafe for a fleet in ways its plugin API cannot
 fix, so ``FleetBroker`` overrides the session handling itself. Each override names the defect it
-closes; tests/broker/test_amqtt_defects.py holds one regression test per defect:
+closes; tests/broker/ holds the regression tests (``test_defect_N_*``, most on both brokers):
 
 1. TLS accepted clients without a certificate (``CERT_OPTIONAL`` hard-coded).
 2. A persistent-session resume authenticated with the *previous* connection's certificate.
@@ -16,9 +16,44 @@ closes; tests/broker/test_amqtt_defects.py holds one regression test per defect:
    "connected" forever and their last will never fired.
 9. A QoS-1 message in flight when the connection dropped was lost (amqtt issue #401): nothing
    redelivered it to the persistent session.
+10. The last will bypassed the ACL (issue 11): amqtt publishes and retains the will from
+    ``_handle_disconnect`` through ``_broadcast_message``/``retain_message``, and only PUBLISH
+    packets went through ``_topic_filtering``. A device could set its will to another device's
+    ``desired`` topic, retained, and drop the link. The will is now checked against the policy at
+    CONNECT, before any existing session is touched; a denied will refuses the connection with
+    CONNACK 5 (not authorized), so it is never stored (``will_refusal``).
 
 The client id is always the certificate CN, whatever the client sent, as Mosquitto does with
 ``use_identity_as_username`` + ``use_username_as_clientid``.
+
+Everything amqtt 0.12.1 publishes on a client's behalf, and how it is held to the policy (read from
+amqtt/broker.py and amqtt/mqtt/protocol/broker_handler.py):
+
+- PUBLISH packets: ``_handle_message_delivery`` asks ``_topic_filtering(PUBLISH)`` (overridden
+  below) before ``_broadcast_message`` and, for retain=1, ``retain_message``.
+- The last will: ``_handle_disconnect`` calls ``_broadcast_message`` and ``retain_message`` with no
+  check at all. Closed at CONNECT (defect 10) and again at the single exit below.
+- Every message that enters the broker does so through ``_broadcast_message`` (live delivery) or
+  ``retain_message`` (the retained store), each with the originating session or ``None``. Both are
+  overridden to drop anything the source identity may not publish, and anything without a source
+  identity: ``None`` is used only by ``internal_message_broadcast`` / ``BrokerContext`` (plugins,
+  e.g. ``$SYS``), and the fleet has no broker-originated messages. So a future amqtt path that
+  publishes for a client is held to the policy too, whatever topic the client chose.
+- Delivery to subscribers: ``_run_broadcast`` asks ``_topic_filtering(RECEIVE)`` per target
+  session, live or queued for an offline persistent session.
+- Retained messages on SUBSCRIBE: ``_publish_retained_messages_for_subscription``, overridden to
+  check ``may_receive`` per message (defect 4). The stock replay of every retained message for
+  every subscription in the broker on CONNECT is gone (``_handle_client_session`` overridden).
+- Session restore: ``_publish_session_retained_messages`` replays the offline queue of a persistent
+  session. Those messages passed the RECEIVE check when queued; they are checked again on replay,
+  so a queue cannot outlive a change of policy. The queue also receives re-queued in-flight QoS-1
+  messages (defect 9), which were checked when first delivered.
+- Takeover: amqtt's own takeover path (which published nothing, but closed the old handler) is
+  replaced by ``_take_over``; the old connection's will then goes out through the checked path
+  above, as it was accepted at that connection's CONNECT.
+- Plugins: ``plugins={}`` loads none (no ``$SYS`` broker plugin, no anonymous auth, nothing from
+  entry points), so nothing calls ``BrokerContext.broadcast_message``/``retain_message``; if one
+  were added, its messages would be dropped by the ``None``-source rule above.
 """
 
 from __future__ import annotations
@@ -53,6 +88,7 @@ log = logging.getLogger(__name__)
 
 IDENTITY = "fleet.identity"  # key in amqtt's Session.attributes
 TAKEOVER_TIMEOUT = 10.0
+REFUSAL_TIMEOUT = 1.0  # how long a refused client gets to read its CONNACK before the link is cut
 CLIENT_ROLES = frozenset({Role.DEVICE, Role.CONTROLLER, Role.OPERATOR})
 
 
@@ -98,6 +134,8 @@ class BrokerSettings:
 class BrokerStats:
     connections_refused: int = 0
     publish_denied: int = 0
+    will_denied: int = 0  # connections refused for their will
+    unattributed_dropped: int = 0  # messages on no identity's behalf, or beyond it: never expected
     subscribe_denied: int = 0
     queued_dropped: int = 0
     keepalive_timeouts: int = 0
@@ -112,6 +150,22 @@ def _abort(writer: WriterAdapter | None) -> None:
     stream = getattr(writer, "_writer", None)
     if isinstance(stream, asyncio.StreamWriter):
         stream.transport.abort()
+
+
+async def _refuse(writer: WriterAdapter) -> None:
+    """CONNACK 5 (not authorized), then close: gracefully, so the CONNACK is flushed before the
+    TLS close, but never waiting on the peer for longer than REFUSAL_TIMEOUT."""
+
+    async def send_and_close() -> None:
+        await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+        await writer.close()
+
+    try:
+        await asyncio.wait_for(send_and_close(), REFUSAL_TIMEOUT)
+    except (TimeoutError, OSError) as exc:
+        log.debug("refused client: CONNACK not delivered: %r", exc)
+    finally:
+        _abort(writer)
 
 
 class _CappedReader(ReaderAdapter):  # type: ignore[misc]
@@ -211,6 +265,19 @@ def _bind(listener: Listener) -> socket.socket:
         sock.close()
         raise BrokerStartError(f"--listen {listener.label}: {exc.strerror or exc}") from exc
     return sock
+
+
+def will_refusal(identity: Identity, topic: str | None, qos: int) -> str | None:
+    """Why a CONNECT's will must be refused, or None when the identity may leave it.
+
+    The will is a publish made later on the client's behalf, so it needs the client's publish
+    right on that topic; ``may_publish`` also rejects wildcards, ``$`` topics and empty names.
+    """
+    if qos not in (0, 1, 2):
+        return f"will QoS {qos} is malformed (MQTT-3.1.2-14)"
+    if not topic or not policy.may_publish(identity, topic):
+        return f"may not publish its will to {topic!r}"
+    return None
 
 
 class FleetBroker(Broker):  # type: ignore[misc]
@@ -317,9 +384,17 @@ class FleetBroker(Broker):  # type: ignore[misc]
         identity = self._identify(incoming, f"{remote_address}:{remote_port}")
         if identity is None:
             self.stats.connections_refused += 1
-            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            _abort(writer)
+            await _refuse(writer)
             raise AMQTTError("connection refused: no valid identity")
+        if incoming.will_flag:
+            # Defect 10: checked before any takeover, so a refused CONNECT disturbs nothing.
+            refusal = will_refusal(identity, incoming.will_topic, incoming.will_qos)
+            if refusal is not None:
+                self.stats.connections_refused += 1
+                self.stats.will_denied += 1
+                log.warning("%s (%s): refused: %s", identity.name, identity.role, refusal)
+                await _refuse(writer)
+                raise AMQTTError(f"connection refused: {identity.name} {refusal}")
         # Identity decides the client id, whatever the client sent (defects 2 and 3: nothing about
         # an existing session is touched before this point).
         incoming.client_id = identity.name
@@ -458,6 +533,7 @@ class FleetBroker(Broker):  # type: ignore[misc]
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         handler = self._get_handler(session)
+        identity: Identity | None = session.attributes.get(IDENTITY)
         queue = session.retained_messages
         # Only what was queued before this connection: a message that fails and is requeued
         # waits for the next connection instead of being retried in a tight loop.
@@ -465,6 +541,9 @@ class FleetBroker(Broker):  # type: ignore[misc]
             if handler is None or queue.empty():
                 return
             queued = queue.get_nowait()
+            if identity is None or not policy.may_receive(identity, queued.topic):
+                log.warning("%s: queued message on %s no longer allowed: dropped", session.client_id, queued.topic)
+                continue
             # Queued messages were not retained publishes: deliver them with retain=0, in order.
             await handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
 
@@ -495,6 +574,38 @@ class FleetBroker(Broker):  # type: ignore[misc]
         await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     # ---- access control --------------------------------------------------------------------
+
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        # The one way into live delivery: PUBLISH packets (checked already) and the last will.
+        if self._may_originate(session, topic, "deliver"):
+            await super()._broadcast_message(session, topic, data, force_qos)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        # The one way into the retained store (setting and clearing): retain=1 publishes and wills.
+        if self._may_originate(source_session, topic_name, "retain"):
+            await super().retain_message(source_session, topic_name, data, qos)
+
+    def _may_originate(self, session: Session | None, topic: str | None, what: str) -> bool:
+        identity: Identity | None = session.attributes.get(IDENTITY) if session is not None else None
+        if identity is not None and topic and policy.may_publish(identity, topic):
+            return True
+        # Only a regression can get here (PUBLISH and the will are checked before): say so loudly.
+        self.stats.unattributed_dropped += 1
+        who = f"{identity.name} ({identity.role})" if identity is not None else "no client identity"
+        log.error("refused to %s a message on %r for %s: not allowed by the fleet policy", what, topic, who)
+        return False
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         identity: Identity | None = session.attributes.get(IDENTITY)

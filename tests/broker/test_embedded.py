@@ -13,8 +13,9 @@ import pytest
 from broker.embedded import BrokerSettings, BrokerStartError, Listener, ThreadedBroker, parse_listen, running_broker
 from certs import PkiPaths
 from fleet.protocol.errors import ConfigError
+from fleet.protocol.topics import Channel, node_topic
 from tests.conftest import Pki
-from tests.mqtt import Endpoint, MqttClient
+from tests.mqtt import Endpoint, MqttClient, connected, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,3 +94,24 @@ def test_cli_reports_a_busy_port_in_one_line(pki: Pki) -> None:
         )
     assert result.returncode == 2
     assert result.stderr.strip() == f"fleet: error: --listen 127.0.0.1:{port}: Address already in use"
+
+
+def test_a_will_that_slips_past_connect_is_still_neither_delivered_nor_retained(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Second line for issue 11: with the CONNECT check switched off, the single way into delivery
+    and the retained store (``_broadcast_message`` / ``retain_message``) still holds the policy."""
+    monkeypatch.setattr("broker.embedded.will_refusal", lambda *args: None)
+    topic = node_topic("gw-a", Channel.DESIRED)
+    with running_broker(BrokerSettings(pki=pki.paths, listeners=(Listener("127.0.0.1", 0),))) as threaded:
+        broker = threaded.broker
+        assert broker is not None
+        endpoint = Endpoint("amqtt", "127.0.0.1", threaded.ports[0])
+        with connected(endpoint, pki.controller()) as controller:
+            controller.subscribe(topic)
+            attacker = MqttClient(endpoint, pki.device("gw-b"), will=(topic, b"forged will", 1, True)).connect()
+            attacker.cut()
+            wait_until(lambda: broker.stats.unattributed_dropped == 2, 10, "the will refused for delivery and retain")
+            assert controller.drain(settle=0.3) == []
+        assert topic not in broker.retained_messages
+        assert broker.stats.will_denied == 0

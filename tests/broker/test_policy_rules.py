@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.embedded import BrokerSettings, Listener
+from broker.embedded import BrokerSettings, Listener, will_refusal
 from broker.policy import filter_covers, may_publish, may_receive, may_subscribe
-from broker.render import emqx_acl, mosquitto_acl
+from broker.render import default_options, emqx_acl, emqx_conf, mosquitto_acl
 from certs import Identity, Role
 from tests.conftest import Pki
 
@@ -53,6 +53,42 @@ def test_operator_and_controller_rules() -> None:
     assert may_subscribe(OPERATOR, "fleet/v1/#")
     assert may_publish(CONTROLLER, "fleet/v1/nodes/gw-a/desired")
     assert not may_publish(CONTROLLER, "other/topic")
+
+
+@pytest.mark.parametrize(
+    ("identity", "topic", "qos", "allowed"),
+    [
+        (DEVICE, "fleet/v1/nodes/gw-a/status", 1, True),
+        (DEVICE, "fleet/v1/nodes/gw-a/reported", 0, True),
+        (DEVICE, "fleet/v1/nodes/gw-b/status", 1, False),
+        (DEVICE, "fleet/v1/nodes/gw-b/desired", 1, False),
+        (DEVICE, "fleet/v1/nodes/gw-a/desired", 1, False),
+        (DEVICE, "fleet/v1/nodes/gw-a/cmd", 1, False),
+        (DEVICE, "fleet/v1/nodes/gw-a/status", 3, False),  # malformed QoS
+        (OPERATOR, "fleet/v1/nodes/gw-a/cmd", 1, True),
+        (OPERATOR, "fleet/v1/nodes/gw-a/desired", 1, False),
+        (CONTROLLER, "fleet/v1/nodes/gw-a/desired", 1, True),
+        (CONTROLLER, "fleet/v1/nodes/+/desired", 1, False),  # a topic name has no wildcards
+        (CONTROLLER, "fleet/v1/#", 1, False),
+        (CONTROLLER, "$SYS/broker/clients", 1, False),
+        (CONTROLLER, "outside/fleet", 1, False),
+        (CONTROLLER, "", 1, False),
+        (CONTROLLER, None, 1, False),
+    ],
+)
+def test_will_needs_the_right_to_publish_its_topic(
+    identity: Identity, topic: str | None, qos: int, allowed: bool
+) -> None:
+    assert (will_refusal(identity, topic, qos) is None) is allowed
+
+
+def test_emqx_conf_denies_what_the_acl_does_not_grant(pki: Pki, tmp_path: Path) -> None:
+    """EMQX authorizes wills (and publishes) with these settings; no_match=allow would let wills through."""
+    settings = BrokerSettings(pki=pki.paths, listeners=(Listener("127.0.0.1", 8883),))
+    conf = emqx_conf(settings, default_options(settings, tmp_path)).splitlines()
+    assert "  no_match = deny" in conf
+    sources = [line for line in conf if line.strip().startswith("sources = ")]
+    assert sources == [f'  sources = [{{ type = file, enable = true, path = "{tmp_path.resolve() / "acl.conf"}" }}]']
 
 
 def test_mosquitto_acl_names_every_operator_and_controller(pki: Pki) -> None:
