@@ -79,6 +79,9 @@ def mosquitto_acl(settings: BrokerSettings) -> str:
 
 def mosquitto_conf(settings: BrokerSettings, options: RenderOptions) -> str:
     pki = options.pki_dir
+    # Mosquitto 2.0 checks a last will against the ACL when it would be sent (context__send_will)
+    # and drops a denied one silently; the CONNECT is accepted. per_listener_settings true kept
+    # wills from being delivered before 2.0.13 (Mosquitto 7551a299).
     lines = [
         f"# {RENDERED_BY}",
         "per_listener_settings false",
@@ -158,6 +161,9 @@ def emqx_conf(settings: BrokerSettings, options: RenderOptions) -> str:
     return f"""# {RENDERED_BY}
 # EMQX checks revocation through the CRL distribution point of a certificate (HTTP), not from a
 # file: serve crl.pem over HTTP and set ssl_options.enable_crl_check where revocation matters.
+# Last wills go through the authorization below as publishes: EMQX >= 5.0.9 (emqx/emqx#8978)
+# checks a will when it would be published and drops a denied one (log:
+# last_will_testament_publish_denied); the CONNECT itself is accepted. Older 5.0.x: unchecked.
 listeners.tcp.default.enable = false
 listeners.ws.default.enable = false
 listeners.wss.default.enable = false
