@@ -69,7 +69,8 @@ class Options:
     manual_ack: bool = False
     """True: inbound QoS-1 messages are PUBACKed only through :meth:`MqttClient.ack`."""
     connect_timeout: float = 10.0
-    """For TCP plus the TLS handshake, and again for the CONNACK."""
+    """For TCP plus the TLS handshake, and for the CONNACK unless ``connack_timeout`` is given."""
+    connack_timeout: float | None = None
     max_inflight: int = 20
     nodelay: bool = True
     """Disable Nagle: small windows of chunks otherwise wait for delayed ACKs (85 vs 1,158 chunks/s
@@ -213,7 +214,8 @@ class MqttClient:
         self._connack = connack
         self.state = State.CONNECTING
         self._attach(sock)
-        self._connack_timer = self._loop.call_later(self.options.connect_timeout, self._connack_timed_out)
+        wait = self.options.connack_timeout or self.options.connect_timeout
+        self._connack_timer = self._loop.call_later(wait, self._connack_timed_out)
         return connack
 
     async def connect(self, executor: Executor | None = None) -> int:

@@ -1,48 +1,50 @@
 """``fleet sim``: many simulated devices in one process, speaking the real protocol over mutual TLS.
 
-Every simulated device is a paho client with its own device certificate (the broker forces client
-id = certificate CN and applies the per-device ACL). No client gets a network thread: one asyncio
-event loop drives them all through paho's external-loop API, as aiomqtt does (``loop.add_reader``
--> ``loop_read``, ``on_socket_register_write`` -> ``loop.add_writer`` -> ``loop_write``, and one
-ticker calling ``loop_misc`` about once a second for keepalive).
+Every simulated device is an ``agent.mqtt`` client with its own device certificate (the broker
+forces client id = certificate CN and applies the per-device ACL): the agent's own MQTT adapter,
+with no thread per client. One asyncio event loop drives them all; blocking TCP + TLS connects run
+in a small thread pool (``connect_workers``), started at no more than ``connect_rate`` per second.
 
-paho's ``reconnect()`` opens the TCP connection and does the TLS handshake blocking. Thousands of
-those on the event loop would stall every connected device, so connects run in a small thread pool
-(``connect_workers``) with the socket callbacks detached; only when ``reconnect()`` has returned does
-the loop thread attach the socket to the event loop. From then on the client is touched only by
-the loop thread.
+Every protocol decision is the agent's own, from ``agent.core``: which desired generation to apply,
+command dedupe, expiry and validation (with the agent's ack texts), rollback against the command's
+``from``/``to``, whether an update downloads or switches to a release still installed, and the
+chunk windows (next window, filled, complete, timed out, lost to a reconnect, server-error backoff,
+which chunks to keep). What a simulated device does not do like an agent:
 
-Simplifications against the real agent: signatures and release manifests are not verified, and a
-downloaded artifact is hashed (every chunk and the whole) but neither kept nor decompressed.
+- signatures and release manifests are not verified; a downloaded artifact is hashed (every chunk
+  and the whole) but neither kept nor decompressed, and chunks more than two windows past the
+  last contiguous one are dropped (asked for again) instead of written at their offset;
+- no workload runs: ``restart`` is instant, and health comes from ``--fail-version`` /
+  ``--fail-fraction``: such a device reports ``failed`` and stays unhealthy on that version (the
+  agent would roll itself back) until told otherwise;
+- nothing is durable (no outbox: paho sends QoS-1 messages again after a reconnect), progress is
+  reported once per download, not every second, and a download that got no chunk after
+  ``_STALL_RETRIES`` asks in a row fails (the agent keeps asking).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
-import socket
 import ssl
 import statistics
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.reasoncodes import ReasonCode
-
+from agent import core
+from agent.config import UpdateSettings
+from agent.mqtt import Inbound, MqttClient, Options, Will, tls_context
 from certs import PkiPaths, issue_device
 from fleet.protocol import (
-    Ack,
     AckStatus,
     ArtifactChunk,
-    ArtifactRequest,
     Channel,
     Command,
     DesiredState,
@@ -55,25 +57,25 @@ from fleet.protocol import (
     channel_qos,
     channel_retained,
     decode,
+    decode_raw,
     digest_hex,
     encode,
     node_topic,
     parse_node_topic,
+    validate,
 )
-from fleet.protocol.errors import ConfigError, FleetError
+from fleet.protocol.errors import ConfigError, InvalidMessage, TransportError
 from fleet.protocol.ids import is_valid_node_id
 from fleet.protocol.messages import Message
 
 log = logging.getLogger(__name__)
 
 AGENT_VERSION = "fleet-sim"
-WINDOW = 8
+_UPDATE = UpdateSettings()  # the agent's defaults: window, request timeout, failures before giving up
+WINDOW = _UPDATE.window
 """Chunks asked for per ``artifact/req``."""
 _TICK = 0.5
-"""Seconds between ticker rounds (keepalive, heartbeats, injected faults, reconnects, stalls)."""
-_STALL = 10.0
-"""Seconds without a chunk before a window is asked for again (jittered by +-50 % per device, so a
-release service that shed a burst of requests does not get them all back at the same moment)."""
+"""Seconds between ticker rounds (heartbeats, injected faults, reconnects, download timeouts)."""
 _STALL_RETRIES = 30
 """Asks in a row without a chunk before the download counts as failed (the real agent never gives up)."""
 _BACKOFF_MIN = 0.5
@@ -81,6 +83,8 @@ _BACKOFF_MAX = 10.0
 _SEEN_COMMANDS = 256
 _MAX_ERRORS_SHOWN = 20
 _SHUTDOWN_GRACE = 5.0
+_CONNECT_TIMEOUT = 5.0
+"""TCP + TLS handshake (paho's default); the CONNACK may take up to the keepalive."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,8 @@ class SimSettings:
     """New TLS connections started per second."""
     connect_workers: int = 8
     keepalive: int = 60
-    initial_version: str = "0.0.0"
+    initial_version: str | None = "0.0.0"
+    """The release every device starts on; None: none installed (an agent running its configured workload)."""
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -147,18 +152,41 @@ class SimStats:
         log.debug("%s", message)
 
 
+_Artifact = tuple[str | None, str, int, int]
+"""What the chunks say the artifact is: (delta base, artifact digest, size, chunk count)."""
+
+
 @dataclass
 class _Download:
     release: ReleaseRef
-    generation: int
-    next: int = 0
-    window_end: int = 0
-    total: int | None = None
+    artifact: _Artifact | None = None
+    held: set[int] = field(default_factory=set)
+    """Chunks verified (the agent's stored chunks)."""
+    buffered: dict[int, bytes] = field(default_factory=dict)
+    """Held chunks past the first gap, waiting to be hashed in order."""
+    hashed: int = 0
     hasher: Any = field(default_factory=hashlib.sha256)
     size: int = 0
-    last_activity: float = 0.0
+    ask: core.WindowAsk | None = None
+    timeout: float = _UPDATE.request_timeout
+    resume_at: float | None = None
+    """After a server error: when to ask again."""
     stalls: int = 0
-    stall_after: float = _STALL
+    server_errors: int = 0
+    attempt: int = 1
+
+    @property
+    def total(self) -> int | None:
+        return None if self.artifact is None else self.artifact[3]
+
+    def restart(self, artifact: _Artifact | None) -> None:
+        """Drop what was held: the first chunk of another artifact, or a new attempt."""
+        self.artifact = artifact
+        self.held.clear()
+        self.buffered.clear()
+        self.hashed = 0
+        self.hasher = hashlib.sha256()
+        self.size = 0
 
 
 @dataclass
@@ -169,18 +197,22 @@ class SimDevice:
     key: Path
     offline: bool
     fails: bool
-    version: str
-    client: mqtt.Client | None = None
+    version: str | None
+    """The running release (None: none, the configured workload)."""
+    digest: str | None = None
     previous: str | None = None
-    generation: int = 0
-    target: int = 0
+    previous_digest: str | None = None
+    client: MqttClient | None = None
+    generation: int | None = None
+    """The applied desired generation (None: none yet; reported as 0 like the agent)."""
     state: UpdateState = UpdateState.IDLE
     healthy: bool = True
-    seen_commands: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    commands: core.CommandMemory = field(default_factory=lambda: core.CommandMemory(_SEEN_COMMANDS))
+    failed_release: tuple[str, int] | None = None
+    """(digest, generation) that failed or was rolled back: not retried for that generation."""
     heartbeat_seq: int = 0
     next_heartbeat: float = 0.0
-    connected: bool = False
-    connecting: bool = False
+    dialing: bool = False
     reconnect_at: float | None = None
     backoff: float = _BACKOFF_MIN
     attempt_started: float = 0.0
@@ -189,6 +221,14 @@ class SimDevice:
     first_attempt: float | None = None
     download: _Download | None = None
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.connected
+
+    @property
+    def connection(self) -> int:
+        return 0 if self.client is None else self.client.id
 
     def topic(self, channel: Channel) -> str:
         return node_topic(self.node_id, channel)
@@ -230,7 +270,7 @@ class Simulator:
         self._stop: asyncio.Event | None = None
         self._stopping = False
         self._queue: asyncio.Queue[SimDevice] | None = None
-        self._connects: set[asyncio.Task[None]] = set()
+        self._tasks: asyncio.TaskGroup | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._ca = str(PkiPaths(settings.certs).ca_cert)
         self._open_sockets = 0
@@ -253,24 +293,26 @@ class Simulator:
         started = time.monotonic()
         self._pool = ThreadPoolExecutor(self.settings.connect_workers, thread_name_prefix="sim-connect")
         try:
-            for device in self.devices:
-                if not device.offline:
-                    self._queue.put_nowait(device)
-            connector = asyncio.create_task(self._connector(), name="sim-connector")
-            ticker = asyncio.create_task(self._ticker(), name="sim-ticker")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=self.settings.duration)
-            elapsed = time.monotonic() - started
-            self._stopping = True
-            for task in (connector, ticker):
-                task.cancel()
-            await asyncio.gather(connector, ticker, return_exceptions=True)
-            if self._connects:
-                await asyncio.gather(*self._connects, return_exceptions=True)
+            # A failing loop ends the simulation at once with its exception (nothing is swallowed);
+            # leaving the group waits for the connects still in the pool.
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                for device in self.devices:
+                    if not device.offline:
+                        self._queue.put_nowait(device)
+                connector = tasks.create_task(self._connector(), name="sim-connector")
+                ticker = tasks.create_task(self._ticker(), name="sim-ticker")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=self.settings.duration)
+                elapsed = time.monotonic() - started
+                self._stopping = True
+                connector.cancel()
+                ticker.cancel()
             connected_at_end = sum(1 for d in self.devices if d.connected)
             await self._disconnect_all()
         finally:
             self._stopping = True
+            self._tasks = None
             await asyncio.to_thread(self._pool.shutdown, wait=True)
             self._force_close_all()
         return self._report(started, elapsed, connected_at_end)
@@ -297,28 +339,24 @@ class Simulator:
         """Publish a retained offline status and DISCONNECT; wait (bounded) for the sockets to close."""
         for device in self.devices:
             client = device.client
-            if client is None or not device.connected:
+            if client is None or not client.connected:
                 continue
             self._publish(device, Channel.STATUS, Status(state="offline", ts=time.time(), agent_version=AGENT_VERSION))
             client.disconnect()
-        if self._open_sockets:
+        if self._open_sockets > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), timeout=_SHUTDOWN_GRACE)
 
     def _force_close_all(self) -> None:
         for device in self.devices:
-            client = device.client
-            if client is not None and client.socket() is not None:
-                # paho has no public "drop the socket" call; _sock_close runs on_socket_close
-                # (unregistering it from the loop) and closes it.
-                client._sock_close()
-            device.connected = False
+            if device.client is not None:
+                device.client.close()
 
     # -- connecting ------------------------------------------------------------------------------
 
     async def _connector(self) -> None:
         """Start queued connects at no more than ``connect_rate`` per second."""
-        assert self._queue is not None
+        assert self._queue is not None and self._tasks is not None
         interval = 1.0 / self.settings.connect_rate
         limit = asyncio.Semaphore(self.settings.connect_workers * 4)
         next_at = time.monotonic()
@@ -329,85 +367,71 @@ class Simulator:
             if next_at > now:
                 await asyncio.sleep(next_at - now)
             next_at = max(next_at + interval, time.monotonic() - 1.0)
-            task = asyncio.create_task(self._connect(device), name=f"sim-connect-{device.node_id}")
-            self._connects.add(task)
-            task.add_done_callback(self._connects.discard)
+            task = self._tasks.create_task(self._connect(device), name=f"sim-connect-{device.node_id}")
             task.add_done_callback(lambda _task: limit.release())
 
-    def _client(self, device: SimDevice) -> mqtt.Client:
+    def _client(self, device: SimDevice) -> MqttClient:
         if device.client is not None:
             return device.client
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
+        settings = self.settings
+        options = Options(
             client_id=device.node_id,
+            host=settings.host,
+            port=settings.port,
+            keepalive=settings.keepalive,
+            tls=tls_context(self._ca, device.cert, device.key),
+            will=Will(device.topic(Channel.STATUS), encode(Status(state="offline", agent_version=AGENT_VERSION))),
             clean_session=False,
-            protocol=mqtt.MQTTv311,
-            userdata=device,
+            connect_timeout=_CONNECT_TIMEOUT,
+            connack_timeout=settings.keepalive,
         )
-        context = ssl.create_default_context(cafile=self._ca)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(str(device.cert), str(device.key))
-        client.tls_set_context(context)
-        client.will_set(
-            device.topic(Channel.STATUS),
-            encode(Status(state="offline", agent_version=AGENT_VERSION)),
-            qos=1,
-            retain=True,
+        device.client = MqttClient(
+            options,
+            on_message=functools.partial(self._on_message, device),
+            on_connect=functools.partial(self._on_connect, device),
+            on_lost=functools.partial(self._on_lost, device),
+            on_closed=self._socket_closed,
+            on_error=functools.partial(self._handler_failed, device),
         )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive)
-        device.client = client
-        return client
+        return device.client
 
     async def _connect(self, device: SimDevice) -> None:
-        loop = self._loop
-        assert loop is not None and self._pool is not None
-        if self._stopping or device.connected or device.connecting:
+        """Open the connection (TCP + TLS in the pool); the CONNACK is handled by ``_on_connect``."""
+        assert self._pool is not None
+        if self._stopping or device.dialing or (device.client is not None and device.client.socket_open):
             return
         try:
             client = self._client(device)
         except (OSError, ssl.SSLError) as exc:
             self.stats.error(f"{device.node_id}: cannot load TLS identity: {exc}")
             return
-        self._detach(client)  # the worker thread must not touch the event loop
-        device.connecting = True
+        device.dialing = True
         device.attempt_started = time.monotonic()
         if device.first_attempt is None:
             device.first_attempt = device.attempt_started
         self.stats.connect_attempts += 1
         try:
-            rc = await loop.run_in_executor(self._pool, client.reconnect)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            device.connecting = False
-            self.stats.error(f"{device.node_id}: connect failed: {exc}")
+            accepted = await client.dial(self._pool)
+        except TransportError as exc:
+            self.stats.error(f"{device.node_id}: {exc}")
             self._schedule_reconnect(device)
             return
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self.stats.error(f"{device.node_id}: connect failed: {mqtt.error_string(rc)}")
-        self._attach(device)
-
-    def _detach(self, client: mqtt.Client) -> None:
-        client.on_socket_close = None
-        client.on_socket_register_write = None
-        client.on_socket_unregister_write = None
-
-    def _attach(self, device: SimDevice) -> None:
-        client, loop = device.client, self._loop
-        assert client is not None and loop is not None
-        sock = client.socket()
-        if sock is None:
-            device.connecting = False
-            self._schedule_reconnect(device)
-            return
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
-        loop.add_reader(sock, self._readable, device)
+        finally:
+            device.dialing = False
         self._open_sockets += 1
-        if client.want_write():
-            loop.add_writer(sock, self._writable, device)
+        accepted.add_done_callback(functools.partial(self._connack_failed, device))
+
+    def _connack_failed(self, device: SimDevice, accepted: asyncio.Future[int]) -> None:
+        error = None if accepted.cancelled() else accepted.exception()
+        if error is None or self._stopping:
+            return
+        self.stats.error(f"{device.node_id}: {error}")
+        self._schedule_reconnect(device)
+
+    def _socket_closed(self) -> None:
+        self._open_sockets -= 1
+        if self._open_sockets == 0 and self._stopping:
+            self._all_closed.set()
 
     def _schedule_reconnect(self, device: SimDevice) -> None:
         if self._stopping or device.offline:
@@ -416,54 +440,15 @@ class Simulator:
         device.backoff = min(device.backoff * 2, _BACKOFF_MAX)
         device.reconnect_at = time.monotonic() + delay
 
-    # -- socket callbacks (loop thread) ------------------------------------------------------------
+    # -- connection callbacks --------------------------------------------------------------------
 
-    def _readable(self, device: SimDevice) -> None:
-        client = device.client
-        assert client is not None
-        rc = client.loop_read()
-        # TLS may hold decrypted bytes that no longer show as a readable file descriptor.
-        sock = client.socket()
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            rc = client.loop_read()
-            sock = client.socket()
-
-    def _writable(self, device: SimDevice) -> None:
-        client = device.client
-        assert client is not None
-        client.loop_write()
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.remove_reader(sock)
-        self._loop.remove_writer(sock)
-        self._open_sockets -= 1
-        if self._open_sockets == 0 and self._stopping:
-            self._all_closed.set()
-
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.add_writer(sock, self._writable, userdata)
-
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.remove_writer(sock)
-
-    # -- MQTT callbacks (loop thread) --------------------------------------------------------------
-
-    def _on_connect(
-        self, client: mqtt.Client, device: SimDevice, flags: Any, reason: ReasonCode, properties: Any
-    ) -> None:
-        device.connecting = False
-        if reason.is_failure:
-            self.stats.error(f"{device.node_id}: CONNACK refused: {reason}")
-            return  # the broker closes the connection; _on_disconnect schedules the retry
+    def _on_connect(self, device: SimDevice, _connection: int) -> None:
         now = time.monotonic()
-        device.connected = True
         device.backoff = _BACKOFF_MIN
         if device.first_connect is None:
             device.first_connect = now - (device.first_attempt or device.attempt_started)
-        client.subscribe(
+        assert device.client is not None
+        device.client.subscribe(
             [
                 (device.topic(Channel.DESIRED), channel_qos(Channel.DESIRED)),
                 (device.topic(Channel.CMD), channel_qos(Channel.CMD)),
@@ -473,167 +458,289 @@ class Simulator:
         self._publish(device, Channel.STATUS, Status(state="online", ts=time.time(), agent_version=AGENT_VERSION))
         self._report_state(device)
         device.next_heartbeat = now + self.settings.heartbeat * self._rng.random()
-        if device.download is not None:
-            self._request_window(device, device.download)
+        download = device.download
+        if download is not None and download.resume_at is None:
+            if download.ask is None:
+                self._ask(device, download)
+            else:
+                self._advance(device, download)  # reconnected: what was in flight is lost, ask again
 
-    def _on_disconnect(
-        self, client: mqtt.Client, device: SimDevice, flags: Any, reason: ReasonCode, properties: Any
-    ) -> None:
-        was_connected = device.connected
-        device.connected = False
-        device.connecting = False
+    def _on_lost(self, device: SimDevice, _connection: int, _reason: str) -> None:
         if self._stopping:
             return
-        if was_connected:
-            self.stats.connection_losses += 1
+        self.stats.connection_losses += 1
         self._schedule_reconnect(device)
 
-    def _on_message(self, client: mqtt.Client, device: SimDevice, message: mqtt.MQTTMessage) -> None:
+    def _handler_failed(self, device: SimDevice, exc: BaseException) -> None:
+        log.error("%s: message handler failed", device.node_id, exc_info=exc)
+        self.stats.error(f"{device.node_id}: message handler failed: {exc!r}")
+
+    def _on_message(self, device: SimDevice, inbound: Inbound) -> None:
         self.stats.messages_received += 1
         try:
-            node_id, channel = parse_node_topic(message.topic)
-            if node_id != device.node_id:
-                self.stats.error(f"{device.node_id}: got a message for {node_id}")
-            elif channel is Channel.DESIRED:
-                self._on_desired(device, decode(message.topic, message.payload, DesiredState))
-            elif channel is Channel.CMD:
-                self._on_command(device, decode(message.topic, message.payload, Command))
-            elif channel is Channel.ARTIFACT_CHUNK:
-                self._on_chunk(device, decode(message.topic, message.payload, ArtifactChunk))
-        except FleetError as exc:
-            self.stats.error(f"{device.node_id}: {message.topic}: {exc}")
+            node_id, channel = parse_node_topic(inbound.topic)
+        except InvalidMessage as exc:
+            self.stats.error(f"{device.node_id}: {inbound.topic}: {exc}")
+            return
+        if node_id != device.node_id:
+            self.stats.error(f"{device.node_id}: got a message for {node_id}")
+        elif channel is Channel.DESIRED:
+            self._on_desired(device, inbound)
+        elif channel is Channel.CMD:
+            self._on_command(device, inbound)
+        elif channel is Channel.ARTIFACT_CHUNK:
+            self._on_chunk(device, inbound)
 
-    # -- behaviour -------------------------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------------------------
 
     def _publish(self, device: SimDevice, channel: Channel, msg: Message) -> None:
         client = device.client
-        assert client is not None
-        client.publish(device.topic(channel), encode(msg), qos=channel_qos(channel), retain=channel_retained(channel))
+        if client is None:
+            return
+        # Not connected: the link just dropped; the state goes out again on the next connect.
+        with contextlib.suppress(TransportError):
+            client.send(device.topic(channel), encode(msg), qos=channel_qos(channel), retain=channel_retained(channel))
+
+    def _reported(self, device: SimDevice, detail: str | None = None, progress: float | None = None) -> None:
+        reported = Reported(
+            generation=device.generation or 0,
+            version=device.version,
+            previous_version=device.previous,
+            state=device.state,
+            detail=detail,
+            progress=progress,
+            ts=time.time(),
+        )
+        self._publish(device, Channel.REPORTED, reported)
 
     def _report_state(self, device: SimDevice, detail: str | None = None) -> None:
-        now = time.time()
-        self._publish(
-            device,
-            Channel.REPORTED,
-            Reported(
-                generation=device.generation,
-                version=device.version,
-                previous_version=device.previous,
-                state=device.state,
-                detail=detail,
-                ts=now,
-            ),
-        )
-        self._publish(device, Channel.HEALTH, Health(version=device.version, healthy=device.healthy, ts=now))
+        self._reported(device, detail)
+        self._publish(device, Channel.HEALTH, Health(version=device.version, healthy=device.healthy, ts=time.time()))
 
-    def _on_desired(self, device: SimDevice, desired: DesiredState) -> None:
-        if desired.generation <= device.target:
-            return  # replay, or the retained copy of what we have already applied
-        device.target = desired.generation
-        release = desired.release
-        if release is None or release.version == device.version:
-            device.download = None
-            self._applied(device, desired.generation)
+    def _ack(self, device: SimDevice, command_id: str, status: AckStatus, detail: str | None) -> None:
+        self._publish(device, Channel.ACK, core.ack(command_id, status, detail, time.time()))
+
+    # -- desired state and updates ---------------------------------------------------------------
+
+    def _on_desired(self, device: SimDevice, inbound: Inbound) -> None:
+        if not inbound.payload:
+            return  # a cleared retained topic: nothing to converge to
+        try:
+            desired = decode(inbound.topic, inbound.payload, DesiredState)
+        except InvalidMessage as exc:
+            self.stats.error(f"{device.node_id}: {exc}")
             return
-        download = _Download(release=release, generation=desired.generation, last_activity=time.monotonic())
-        device.download = download
-        device.state = UpdateState.DOWNLOADING
-        self._publish(
-            device,
-            Channel.REPORTED,
-            Reported(
-                generation=device.generation,
-                version=device.version,
-                previous_version=device.previous,
-                state=UpdateState.DOWNLOADING,
-                progress=0.0,
-                ts=time.time(),
-            ),
-        )
-        self._request_window(device, download)
-
-    def _applied(self, device: SimDevice, generation: int, detail: str | None = None) -> None:
-        device.generation = generation
+        decision = core.accept_desired(device.generation, desired.generation)
+        if not decision.apply:
+            if decision.reason is not None:
+                log.debug("%s: %s", device.node_id, decision.reason)
+            return
+        device.generation = desired.generation
         self.stats.desired_applied += 1
-        self._report_state(device, detail)
-
-    def _request_window(self, device: SimDevice, download: _Download) -> None:
-        download.window_end = download.next + WINDOW
-        download.last_activity = time.monotonic()
-        if device.connected:
-            self._publish(
-                device,
-                Channel.ARTIFACT_REQ,
-                ArtifactRequest(digest=download.release.digest, first=download.next, window=WINDOW),
-            )
-
-    def _on_chunk(self, device: SimDevice, chunk: ArtifactChunk) -> None:
+        release = desired.release
+        installed = {digest for digest in (device.digest, device.previous_digest) if digest is not None}
+        plan = core.plan_update(
+            release, desired.generation, running=device.digest, installed=installed, failed=device.failed_release
+        )
         download = device.download
-        if download is None or digest_hex(chunk.digest) != digest_hex(download.release.digest):
+        if plan is core.UpdatePlan.DOWNLOAD and release is not None:
+            if download is None or download.release.digest != release.digest:
+                download = device.download = _Download(release=release)
+                self._ask(device, download)
+            device.state = UpdateState.DOWNLOADING
+            self._reported(device, progress=0.0)
             return
-        if chunk.error is not None:
-            self._download_failed(device, download, f"server: {chunk.error}")
-            return
-        if chunk.index != download.next:
-            return  # a duplicate or a chunk after a lost one: the stall timer asks again
-        if chunk.sha256 is None or hashlib.sha256(chunk.data).hexdigest() != digest_hex(chunk.sha256):
-            self._download_failed(device, download, f"chunk {chunk.index}: sha256 mismatch")
-            return
-        download.hasher.update(chunk.data)
-        download.size += len(chunk.data)
-        self.stats.bytes_downloaded += len(chunk.data)
-        download.next += 1
-        download.total = chunk.total
-        download.last_activity = time.monotonic()
-        download.stalls = 0
-        if chunk.eof or (download.total is not None and download.next >= download.total):
-            if chunk.artifact is None or download.hasher.hexdigest() != digest_hex(chunk.artifact):
-                self._download_failed(device, download, "artifact digest mismatch")
-            elif chunk.size is not None and chunk.size != download.size:
-                self._download_failed(device, download, f"artifact size {download.size} != {chunk.size}")
-            else:
-                self._install(device, download)
-        elif download.next >= download.window_end:
-            self._request_window(device, download)
-
-    def _install(self, device: SimDevice, download: _Download) -> None:
-        self.stats.downloads_completed += 1
         device.download = None
-        device.previous, device.version = device.version, download.release.version
-        if device.fails and download.release.version == self.settings.fail_version:
+        if plan is core.UpdatePlan.SWITCH and release is not None:
+            self._switch(device, release)
+        else:
+            self._report_state(device)
+
+    def _switch(self, device: SimDevice, release: ReleaseRef) -> None:
+        """The new release runs; the one before it becomes the previous one (the agent's A/B switch)."""
+        if device.version is not None and device.version != release.version:
+            device.previous, device.previous_digest = device.version, device.digest
+        device.version, device.digest = release.version, release.digest
+        if device.fails and release.version == self.settings.fail_version:
             device.state, device.healthy = UpdateState.FAILED, False
-            self._applied(device, download.generation, "injected health failure")
+            device.failed_release = (release.digest, device.generation or 0)
+            self._report_state(device, "injected health failure")
         else:
             device.state, device.healthy = UpdateState.HEALTHY, True
-            self._applied(device, download.generation)
+            self._report_state(device, f"{release.version} healthy")
+
+    def _ask(self, device: SimDevice, download: _Download) -> None:
+        """Ask for the next window of chunks (or wait for the connection)."""
+        client = device.client
+        if client is None or not client.connected:
+            download.ask = None  # asked on the next connect
+            return
+        download.ask = core.ask_window(
+            download.held, download.total, WINDOW, now=time.monotonic(), connection=client.id
+        )
+        # Jittered (never slower than the agent): a release service that shed a burst of requests
+        # does not get them all back at the same moment.
+        download.timeout = _UPDATE.request_timeout * self._rng.uniform(0.5, 1.0)
+        self._publish(device, Channel.ARTIFACT_REQ, download.ask.request(download.release.digest))
+
+    def _advance(self, device: SimDevice, download: _Download) -> None:
+        """After a chunk, a tick or a reconnect: ask for the next window, ask again, or finish."""
+        ask = download.ask
+        if ask is None:
+            return
+        total = download.total
+        held = len(download.held)
+        status = core.window_status(
+            ask,
+            held=held,
+            complete=total is not None and held >= total,
+            now=time.monotonic(),
+            timeout=download.timeout,
+            connection=device.connection,
+        )
+        if status is core.WindowStatus.WAITING:
+            return
+        if status is core.WindowStatus.COMPLETE:
+            self._verify(device, download)
+            return
+        if not core.progressed(ask, status, held):
+            download.stalls += 1
+            if download.stalls > _STALL_RETRIES:
+                self._download_failed(device, download, f"no chunk after {_STALL_RETRIES} asks")
+                return
+        self._ask(device, download)
+
+    def _on_chunk(self, device: SimDevice, inbound: Inbound) -> None:
+        try:
+            chunk = decode(inbound.topic, inbound.payload, ArtifactChunk)
+        except InvalidMessage as exc:
+            self.stats.error(f"{device.node_id}: {exc}")
+            return
+        download = device.download
+        verdict = core.check_chunk(chunk, download.release.digest if download is not None else None)
+        if download is None or verdict is core.ChunkVerdict.STALE:
+            return  # a late chunk of an abandoned or finished download
+        if verdict is core.ChunkVerdict.SERVER_ERROR:
+            self._server_error(device, download, chunk.error or "")
+            return
+        if verdict is not core.ChunkVerdict.KEEP:
+            self.stats.error(f"{device.node_id}: chunk {chunk.index} of {download.release.version}: {verdict}")
+            return  # asked for again when the window times out
+        assert chunk.artifact is not None and chunk.size is not None and chunk.total is not None
+        artifact = (chunk.base, chunk.artifact, chunk.size, chunk.total)
+        if download.artifact != artifact:
+            download.restart(artifact)  # the first chunk, or of another artifact (full instead of delta...)
+        if chunk.index in download.held or chunk.index >= download.hashed + 2 * WINDOW:
+            return
+        download.held.add(chunk.index)
+        download.buffered[chunk.index] = chunk.data
+        while download.hashed in download.buffered:
+            data = download.buffered.pop(download.hashed)
+            download.hasher.update(data)
+            download.size += len(data)
+            download.hashed += 1
+            self.stats.bytes_downloaded += len(data)
+        download.stalls = 0
+        self._advance(device, download)
+
+    def _verify(self, device: SimDevice, download: _Download) -> None:
+        """Every chunk is held: check the assembled artifact, then switch (or fetch it again)."""
+        assert download.artifact is not None
+        _base, digest, size, _total = download.artifact
+        if download.size == size and download.hasher.hexdigest() == digest_hex(digest):
+            self.stats.downloads_completed += 1
+            device.download = None
+            self._switch(device, download.release)
+            return
+        self.stats.error(f"{device.node_id}: artifact of {download.release.version} does not verify")
+        if not core.refetch_bad_artifact(download.attempt, _UPDATE.max_failures):
+            self._download_failed(device, download, core.artifact_refused(download.release.version, download.attempt))
+            return
+        download.attempt += 1
+        download.restart(None)
+        self._ask(device, download)
+
+    def _server_error(self, device: SimDevice, download: _Download, error: str) -> None:
+        download.server_errors += 1
+        wait = core.after_server_error(download.server_errors, _UPDATE.max_failures)
+        if wait is None:
+            self._download_failed(device, download, core.server_error_reason(error))
+            return
+        download.ask = None
+        download.resume_at = time.monotonic() + wait
 
     def _download_failed(self, device: SimDevice, download: _Download, reason: str) -> None:
         self.stats.downloads_failed += 1
         self.stats.error(f"{device.node_id}: download of {download.release.version} failed: {reason}")
         device.download = None
         device.state = UpdateState.FAILED
-        self._applied(device, download.generation, f"download failed: {reason}")
+        device.failed_release = (download.release.digest, device.generation or 0)
+        self._report_state(device, reason)
 
-    def _on_command(self, device: SimDevice, command: Command) -> None:
-        if command.id in device.seen_commands:
-            self._ack(device, command.id, AckStatus.DUPLICATE)
+    # -- commands --------------------------------------------------------------------------------
+
+    def _on_command(self, device: SimDevice, inbound: Inbound) -> None:
+        try:
+            raw = decode_raw(inbound.topic, inbound.payload)
+        except InvalidMessage as exc:
+            self.stats.error(f"{device.node_id}: {exc}")
             return
-        device.seen_commands[command.id] = None
-        while len(device.seen_commands) > _SEEN_COMMANDS:
-            device.seen_commands.popitem(last=False)
-        if command.expires_at is not None and command.expires_at < time.time():
-            self._ack(device, command.id, AckStatus.EXPIRED)
+        try:
+            command = validate(inbound.topic, raw, Command)
+        except InvalidMessage as exc:
+            self.stats.error(f"{device.node_id}: {exc}")
+            command_id = core.refusable_id(raw)
+            if command_id is not None:
+                if device.commands.status(command_id) is None:
+                    device.commands.record(command_id, AckStatus.REJECTED.value)
+                self._ack(device, command_id, AckStatus.REJECTED, exc.reason)
             return
-        self._ack(device, command.id, AckStatus.ACCEPTED)
-        if command.action == "rollback" and device.previous is not None:
-            device.previous, device.version = device.version, device.previous
-            device.state, device.healthy = UpdateState.ROLLED_BACK, True
-            self._report_state(device)
-        self._ack(device, command.id, AckStatus.DONE)
+        earlier = device.commands.status(command.id)
+        if earlier is None:
+            device.commands.record(command.id, "received")
+        intake = core.command_intake(command, earlier=earlier, now=time.time())
+        if intake.remember:
+            device.commands.record(command.id, intake.ack.value)
+        self._ack(device, command.id, intake.ack, intake.detail)
+        if not intake.execute:
+            return
+        device.commands.record(command.id, "executing")
+        status, detail = self._execute(device, command)
+        device.commands.record(command.id, status.value)
+        self._ack(device, command.id, status, detail)
         self.stats.commands_acked += 1
 
-    def _ack(self, device: SimDevice, command_id: str, status: AckStatus) -> None:
-        self._publish(device, Channel.ACK, Ack(id=command_id, status=status, ts=time.time()))
+    def _execute(self, device: SimDevice, command: Command) -> tuple[AckStatus, str | None]:
+        action = command.action
+        if action == "ping":
+            return core.result("pong")
+        if action == "report":
+            self._report_state(device)
+            return core.result("reported")
+        if action == "restart":
+            return core.result("workload restarted (simulated)")
+        if action == "reload":
+            self._reported(device)
+            return core.result("configuration reloaded")
+        if action == "rollback":
+            return self._rollback(device, command)
+        raise AssertionError(f"action {action!r} passed core.command_intake but has no simulation")
+
+    def _rollback(self, device: SimDevice, command: Command) -> tuple[AckStatus, str | None]:
+        decision = core.decide_rollback(device.version, device.previous, command.args)
+        if decision.verdict is core.RollbackVerdict.NOOP:
+            return core.result(decision.detail)
+        if decision.verdict is core.RollbackVerdict.FAIL:
+            return core.result(error=decision.detail or core.NO_PREVIOUS_RELEASE)
+        running, running_digest = device.version, device.digest
+        assert running is not None
+        device.version, device.digest = device.previous, device.previous_digest
+        device.previous, device.previous_digest = running, running_digest
+        if running_digest is not None:
+            device.failed_release = (running_digest, device.generation or 0)  # not converged back to
+        device.state, device.healthy = UpdateState.ROLLED_BACK, True
+        self._report_state(device, core.ROLLBACK_REASON)
+        return core.result(core.rolled_back(running, decision.back_to))
 
     # -- the ticker ------------------------------------------------------------------------------
 
@@ -644,26 +751,25 @@ class Simulator:
             await asyncio.sleep(_TICK)
             now = time.monotonic()
             for device in self.devices:
-                client = device.client
                 if device.reconnect_at is not None and now >= device.reconnect_at:
                     device.reconnect_at = None
                     self._queue.put_nowait(device)
-                if client is None or not device.connected:
+                if not device.connected:
                     continue
-                client.loop_misc()
                 if drop_chance and self._rng.random() < drop_chance:
                     self._drop_link(device)
                     continue
                 if now >= device.next_heartbeat:
                     self._heartbeat(device, now)
                 download = device.download
-                if download is not None and now - download.last_activity > download.stall_after:
-                    download.stalls += 1
-                    download.stall_after = _STALL * self._rng.uniform(0.5, 1.5)
-                    if download.stalls > _STALL_RETRIES:
-                        self._download_failed(device, download, f"no chunk after {_STALL_RETRIES} asks")
-                    else:
-                        self._request_window(device, download)
+                if download is None:
+                    continue
+                if download.resume_at is not None:
+                    if now >= download.resume_at:
+                        download.resume_at = None
+                        self._ask(device, download)
+                else:
+                    self._advance(device, download)
 
     def _heartbeat(self, device: SimDevice, now: float) -> None:
         device.next_heartbeat = now + self.settings.heartbeat * self._rng.uniform(0.9, 1.1)
@@ -685,17 +791,8 @@ class Simulator:
 
     def _drop_link(self, device: SimDevice) -> None:
         """Cut the TCP connection without DISCONNECT (the broker publishes the last will)."""
-        client = device.client
-        assert client is not None
-        sock = client.socket()
-        if sock is None:
-            return
-        self.stats.disconnects_injected += 1
-        try:
-            if isinstance(sock, socket.socket):
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError as exc:
-            self.stats.error(f"{device.node_id}: cannot drop link: {exc}")
+        if device.client is not None and device.client.drop():
+            self.stats.disconnects_injected += 1
 
     # -- report ----------------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ def test_simulated_fleet_speaks_the_protocol(pki: Pki, mosquitto: Endpoint) -> N
             artifact = Artifact.of(payload, 1024, None)
             release = ReleaseRef(name="app", version="2.0.0", digest=target, size=len(payload), chunk_size=1024)
             controller.publish(desired_topic, encode(DesiredState(generation=6, release=release)), retain=True)
+            # Like the agent, the device reports the new generation at once (downloading), then healthy.
             serve_download(controller, node, artifact, target)
             reported = decode(
                 node_topic(node, Channel.REPORTED),
@@ -147,6 +148,7 @@ def test_simulated_fleet_speaks_the_protocol(pki: Pki, mosquitto: Endpoint) -> N
                     lambda m: (
                         m.topic == node_topic(node, Channel.REPORTED)
                         and decode(m.topic, m.payload, Reported).generation == 6
+                        and decode(m.topic, m.payload, Reported).state != "downloading"
                     )
                 ).payload,
                 Reported,
@@ -228,6 +230,7 @@ def test_failures_and_link_drops(pki: Pki, mosquitto: Endpoint) -> None:
                 lambda m: (
                     m.topic == node_topic(node, Channel.REPORTED)
                     and decode(m.topic, m.payload, Reported).generation == 1
+                    and decode(m.topic, m.payload, Reported).state != "downloading"
                 ),
                 timeout=20,
             )
