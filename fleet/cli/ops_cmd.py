@@ -1,4 +1,4 @@
-"""Operator commands that talk to the controller's HTTP API: nodes, node, send and ``rollout ...``.
+"""Operator commands that talk to the controller's HTTP API: nodes, node, label, send and ``rollout ...``.
 
 Each command is one or two HTTP requests (httpx, bounded timeouts) whose JSON answers are parsed
 back into the facade's view models, then shown as rich tables for people or as JSON for scripts
@@ -40,6 +40,7 @@ from fleet.controller.facade import (
     RolloutState,
     RolloutView,
     WaveView,
+    parse_label_changes,
 )
 from fleet.controller.facade import parse_selector as facade_parse_selector
 
@@ -145,6 +146,9 @@ class ControllerClient:
     def post(self, path: str, model: type[T], body: dict[str, Any] | None = None) -> T:
         return self._call("POST", path, model, body=body)
 
+    def patch(self, path: str, model: type[T], body: dict[str, Any]) -> T:
+        return self._call("PATCH", path, model, body=body)
+
     def _call(
         self,
         method: str,
@@ -243,12 +247,26 @@ def _health(healthy: bool | None) -> Text:
 _STATUS_STYLE = {"online": "green", "stale": "yellow", "offline": "red"}
 
 
+def _reported(view: NodeView) -> dict[str, str]:
+    """The labels the node reports; from ``labels`` for a controller that does not tell them apart."""
+    return view.reported_labels if view.reported_labels or view.operator_labels else view.labels
+
+
 def nodes_table(nodes: list[NodeView]) -> Table:
-    table = Table("ID", "STATUS", "VERSION", "HEALTH", "LAST SEEN", "LABELS", box=None, title=f"{len(nodes)} nodes")
+    table = Table(
+        "ID", "STATUS", "VERSION", "HEALTH", "LAST SEEN", "LABELS", "REPORTED LABELS",
+        box=None, title=f"{len(nodes)} nodes",
+    )  # fmt: skip
     for view in nodes:
         status = Text(view.status.value, style=_STATUS_STYLE.get(view.status.value, ""))
         table.add_row(
-            view.id, status, view.version or "-", _health(view.healthy), _ago(view.last_seen), _labels(view.labels)
+            view.id,
+            status,
+            view.version or "-",
+            _health(view.healthy),
+            _ago(view.last_seen),
+            _labels(view.operator_labels),
+            _labels(_reported(view)),
         )
     return table
 
@@ -269,7 +287,9 @@ def node_detail(detail: NodeDetail) -> Group:
         "last health": _ago(view.health_ts),
         "last seen": _ago(view.last_seen),
         "agent": view.agent_version or "-",
-        "labels": _labels(view.labels),
+        "labels": _labels(view.operator_labels),  # the operator's: they alone decide the canary ring
+        "reported labels": _labels(_reported(view)),  # the node's own word
+        "effective labels": _labels(view.labels),  # reported overlaid with the operator's: selectors match these
         "heartbeat": " ".join(f"{key}={value}" for key, value in view.heartbeat.items()) or "-",
     }
     for name, value in rows.items():
@@ -378,6 +398,35 @@ def node(
     with controller_client(controller) as client:
         detail: NodeDetail = client.get(f"/nodes/{_segment(node_id)}", NodeDetail)
     _show(output, detail, node_detail(detail))
+
+
+def label(
+    node_id: Annotated[str, typer.Argument(help="The node id.")],
+    changes: Annotated[
+        list[str] | None, typer.Argument(help="KEY=VALUE sets an operator label, KEY- removes one.", metavar="LABEL...")
+    ] = None,
+    controller: ControllerOption = DEFAULT_CONTROLLER,
+    output: OutputOption = Output.TABLE,
+) -> None:
+    """Set or remove a node's operator labels (KEY=VALUE, KEY-); they win over the labels it reports."""
+    try:
+        body = parse_label_changes(changes or [])
+    except BadRequest as exc:
+        fail(str(exc))
+    with controller_client(controller) as client:
+        path = f"/nodes/{_segment(node_id)}"
+        view: NodeView = client.patch(f"{path}/labels", NodeView, body) if body else client.get(path, NodeDetail).node
+    if output is Output.JSON:
+        _print_json(view)
+        return
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("node", view.id)
+    facts.add_row("labels", _labels(view.operator_labels))
+    facts.add_row("reported labels", _labels(_reported(view)))
+    facts.add_row("effective labels", _labels(view.labels))
+    _console().print(facts)
 
 
 def send(

@@ -6,6 +6,11 @@ with capped exponential backoff per command, until it expires. The agent dedupes
 answers a repeat with ``duplicate``, so a resend never executes twice. Each command is committed
 to SQLite before its first publish: a crash between the two leaves a pending command that the next
 ``resend_due`` publishes, never a command that went out without a record.
+
+An ack is the device's word: its detail is cut and its timestamp kept within the controller's
+clock window (fleet/controller/bounds.py), and a command keeps at most ``MAX_ACKS`` acks, so a
+device cannot grow the database through acks to its own commands. Rejects are counted in
+``rejects`` and logged.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fleet.controller.bounds import Rejects, screen
 from fleet.controller.facade import AckRecord, BadRequest, CommandView, NotFound
 from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel, encode
@@ -34,6 +40,9 @@ log = logging.getLogger(__name__)
 
 ACK_FILTER = all_nodes_filter(Channel.ACK)
 """Subscribe this and route it to ``CommandTracker.on_ack``."""
+
+MAX_ACKS = 16
+"""Acks kept per command: an agent sends two or three (accepted, then done or failed)."""
 
 PENDING = "pending"  # published, no ack at all yet: the only status that is resent
 EXPIRED = "expired"
@@ -110,6 +119,7 @@ class CommandTracker:
         self.jitter = jitter
         self.signer = signer
         self.counters: collections.Counter[str] = collections.Counter()
+        self.rejects = Rejects()  # device values out of bounds, by field (see fleet/controller/bounds.py)
         self._rng = rng or random.Random()  # noqa: S311 -- spreading load, not secrecy
         self._lock = threading.Lock()  # guards counters and the rng; the DB has its own lock
         db.migrate(SCHEMA)
@@ -201,11 +211,11 @@ class CommandTracker:
             self._count("invalid_acks")
             log.warning("ignored message on %s: not an ack topic", topic)
             return
-        self._record_ack(node, message)
+        self._record_ack(node, screen(node, Channel.ACK.value, message, self.clock(), self.rejects))
 
     def _record_ack(self, node: str, ack: Ack) -> None:
         now = self.clock()
-        problem, redelivered = None, False
+        problem, redelivered, full = None, False, False
         with self.db.transaction() as conn:
             row = conn.execute("SELECT node, status FROM commands WHERE id = ?", (ack.id,)).fetchone()
             if row is None or row[0] != node:
@@ -213,6 +223,8 @@ class CommandTracker:
                 problem = "unknown command" if row is None else f"command belongs to {row[0]}"
             elif _already_recorded(conn, ack):
                 redelivered = True
+            elif _ack_count(conn, ack.id) >= MAX_ACKS:
+                full = True
             else:
                 conn.execute(
                     "INSERT INTO command_acks (command_id, status, detail, ts, agent_ts) VALUES (?, ?, ?, ?, ?)",
@@ -223,6 +235,9 @@ class CommandTracker:
         if problem is not None:
             self._count("unknown_acks")
             log.warning("ack %s from %s for command %s ignored: %s", ack.status.value, node, ack.id, problem)
+            return
+        if full:
+            self.rejects.reject(node, "ack.count", f"command {ack.id} has {MAX_ACKS} acks already", action="ignored")
             return
         if redelivered:
             # QoS 1 is at-least-once: a PUBACK lost with the link makes the device send the same
@@ -332,6 +347,10 @@ class CommandTracker:
         if n:
             with self._lock:
                 self.counters[name] += n
+
+
+def _ack_count(conn: sqlite3.Connection, command_id: str) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM command_acks WHERE command_id = ?", (command_id,)).fetchone()[0])
 
 
 def _already_recorded(conn: sqlite3.Connection, ack: Ack) -> bool:

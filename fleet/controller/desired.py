@@ -6,6 +6,12 @@ or the agent reported (after a lost controller database the agent's reported gen
 only memory left). The document is committed before it is published, and publishing happens under
 this publisher's lock so two documents for one node can never reach the broker out of order (a
 lower generation would otherwise end up as the retained message).
+
+A reported generation is the device's word, so it is bounded before anything builds on it (see
+fleet/controller/bounds.py): at most ``MAX_GENERATION``, and at most ``GENERATION_AHEAD`` past the
+generation we last published to that node. A device reporting 2^63-1 would otherwise make every
+later document for it invalid (one past the largest integer the wire format holds) and every
+operation that publishes to it fail. A refused generation is counted, logged, and changes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fleet.controller.bounds import GENERATION_AHEAD, MAX_GENERATION, Rejects
 from fleet.controller.facade import NotFound
 from fleet.controller.storage import Database
 from fleet.protocol.codec import decode_raw, encode, validate
@@ -62,10 +69,21 @@ class DesiredPublisher:
         self.clock = clock
         self.signer = signer
         self.counters: collections.Counter[str] = collections.Counter()
+        self.rejects = Rejects()
         # Held across persist + publish (see the module docstring); never taken while holding db.lock.
         self._lock = threading.Lock()
         db.migrate(SCHEMA)
+        self._forget_impossible_generations()
         self._observed: dict[str, int] = dict(db.query("SELECT node, generation FROM desired_observed"))
+
+    def _forget_impossible_generations(self) -> None:
+        """Drop generations above ``MAX_GENERATION`` that a controller before the bounds stored."""
+        for node, generation in self.db.query(
+            "SELECT node, generation FROM desired_observed WHERE generation > ?", (MAX_GENERATION,)
+        ):
+            self.rejects.reject(node, "reported.generation", f"{generation} (stored) is above {MAX_GENERATION}",
+                                action="forgotten")  # fmt: skip
+        self.db.execute("DELETE FROM desired_observed WHERE generation > ?", (MAX_GENERATION,))
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -91,15 +109,24 @@ class DesiredPublisher:
         """Replace the node's config, keeping its release and health probe; returns the new generation."""
         return self._publish_new(node, release=_KEEP, config=config, health=_KEEP)
 
-    def observe_reported(self, node: str, generation: int) -> None:
+    def observe_reported(self, node: str, generation: int) -> bool:
         """Note a generation the agent reported, so the next one we publish is higher still.
 
         Cheap when nothing is new (called for every reported message): only a higher generation
-        than any seen for the node is written.
+        than any seen for the node is checked and written. False (counted and logged) when the
+        generation is out of bounds: above ``MAX_GENERATION``, or more than ``GENERATION_AHEAD``
+        past what we last published to the node.
         """
         with self._lock:
             if generation <= self._observed.get(node, 0):
-                return
+                return True
+            published = self.generation(node)
+            limit = MAX_GENERATION if published is None else min(MAX_GENERATION, published + GENERATION_AHEAD)
+            if generation > limit:
+                mine = "none published" if published is None else f"{published} published"
+                self.rejects.reject(node, "reported.generation", f"{generation} is above {limit} ({mine})",
+                                    action="ignored")  # fmt: skip
+                return False
             self._observed[node] = generation
             with self.db.transaction() as conn:
                 conn.execute(
@@ -108,6 +135,7 @@ class DesiredPublisher:
                     "WHERE excluded.generation > desired_observed.generation",
                     (node, generation),
                 )
+            return True
 
     def republish(self, node: str) -> int:
         """Publish the stored document again (after a controller restart); returns its generation."""
@@ -120,11 +148,19 @@ class DesiredPublisher:
             return int(generation)
 
     def republish_all(self) -> int:
-        """Publish every stored document again; returns how many."""
+        """Publish every stored document again; returns how many. One node's failure is logged and
+        counted (``republish_errors``) and does not hold back the others."""
         nodes = [row[0] for row in self.db.query("SELECT node FROM desired_state ORDER BY node")]
+        done = 0
         for node in nodes:
-            self.republish(node)
-        return len(nodes)
+            try:
+                self.republish(node)
+            except Exception:
+                self.counters["republish_errors"] += 1
+                log.exception("republishing the desired state of %s failed", node)
+                continue
+            done += 1
+        return done
 
     def _publish_new(self, node: str, *, release: Any, config: Any, health: Any) -> int:
         topic = node_topic(node, Channel.DESIRED)  # refuses an invalid node id before anything is stored
@@ -146,7 +182,9 @@ class DesiredPublisher:
 
     def _next_generation(self, execute: Callable[..., Any], node: str) -> int:
         published = execute("SELECT generation FROM desired_state WHERE node = ?", (node,)).fetchone()
-        observed = execute("SELECT generation FROM desired_observed WHERE node = ?", (node,)).fetchone()
+        observed = execute(
+            "SELECT generation FROM desired_observed WHERE node = ? AND generation <= ?", (node, MAX_GENERATION)
+        ).fetchone()
         return max(published[0] if published else 0, observed[0] if observed else 0) + 1
 
     def _send(self, node: str, payload: bytes, generation: int) -> None:

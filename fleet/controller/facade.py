@@ -7,7 +7,7 @@ implementation and the controller's internals can change without touching the AP
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,7 +44,10 @@ class NodeView(View):
     update_state: str | None = None  # the agent's reported state (idle, downloading, ..., rolled_back)
     healthy: bool | None = None
     generation: int | None = None  # last generation the agent reported applied
+    # Effective labels, matched by selectors: the reported ones overlaid with the operator's.
     labels: dict[str, str] = Field(default_factory=dict)
+    operator_labels: dict[str, str] = Field(default_factory=dict)  # set on the controller; decide the canary ring
+    reported_labels: dict[str, str] = Field(default_factory=dict)  # as the node reports them, never trusted alone
     last_seen: float | None = None  # any message from the node
     health_ts: float | None = None  # last health message: silence after an update is failure
     reported_ts: float | None = None
@@ -154,6 +157,33 @@ class ControllerFacade(Protocol):
     def abort_rollout(self, rollout_id: str) -> RolloutView: ...
 
     def metrics(self) -> dict[str, float]: ...  # flat name -> value, rendered by the API as Prometheus text
+
+
+@runtime_checkable
+class LabelEditor(Protocol):
+    """Operator labels on the controller (``PUT``/``PATCH /nodes/{id}/labels``, ``fleet label``).
+
+    ``labels`` maps a key to its new value, or to None to remove it; ``replace_all`` makes the given
+    labels the node's whole set. Returns the node's view; NotFound, BadRequest for a malformed label.
+    """
+
+    def set_labels(self, node_id: str, labels: dict[str, str | None], *, replace_all: bool = False) -> NodeView: ...
+
+
+def parse_label_changes(items: list[str]) -> dict[str, str | None]:
+    """``["ring=canary", "site-"]`` as ``{"ring": "canary", "site": None}`` (CLI: set and remove)."""
+    changes: dict[str, str | None] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep:
+            if not key or not value:
+                raise BadRequest(f"label {item!r}: expected KEY=VALUE to set or KEY- to remove")
+            changes[key] = value
+        elif item.endswith("-") and len(item) > 1:
+            changes[item[:-1]] = None
+        else:
+            raise BadRequest(f"label {item!r}: expected KEY=VALUE to set or KEY- to remove")
+    return changes
 
 
 def parse_selector(text: str | None, what: str = "selector") -> dict[str, str]:

@@ -12,6 +12,15 @@ into memory the same way.
 
 Times are the controller's own clock at receipt, never the agent's ``ts``: statuses and silence
 must be judged on one clock, and devices' clocks drift.
+
+Nothing a device reports is taken on trust: every message is screened against the controller's
+bounds (fleet/controller/bounds.py) before it changes anything, and a message with a value out of
+bounds is dropped, counted in ``rejects`` and logged.
+
+Labels come from two sides. A node reports its own (``reported_labels``); an operator sets labels
+on the controller (``operator_labels``, stored here, never sent by the device). A node's effective
+``labels`` are its reported ones overlaid with the operator's: selectors match those. Decisions that
+a device must not be able to make for itself (the canary ring) read the operator labels only.
 """
 
 from __future__ import annotations
@@ -22,10 +31,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fleet.controller.facade import HealthRecord, NodeStatus, NodeView, NotFound
+from fleet.controller.bounds import (
+    MAX_GENERATION,
+    MAX_OPERATOR_LABELS,
+    OutOfBounds,
+    Rejects,
+    check_operator_label,
+    screen,
+)
+from fleet.controller.facade import BadRequest, HealthRecord, NodeStatus, NodeView, NotFound
 from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel
 from fleet.protocol.errors import InvalidMessage
@@ -68,7 +85,9 @@ CREATE TABLE IF NOT EXISTS registry_nodes (
     last_seen REAL,
     heartbeat_ts REAL,
     heartbeat TEXT NOT NULL DEFAULT '{}',
-    updated REAL
+    updated REAL,
+    operator_labels TEXT NOT NULL DEFAULT '{}',
+    operator_labels_ts REAL
 );
 CREATE TABLE IF NOT EXISTS registry_health (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,7 +101,13 @@ CREATE INDEX IF NOT EXISTS registry_health_node ON registry_health (node, seq);
 
 _COLUMNS = (
     "id, connection, status_ts, agent_version, version, previous_version, update_state, generation, labels,"
-    " reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat"
+    " reported_ts, healthy, health_ts, last_seen, heartbeat_ts, heartbeat, operator_labels, operator_labels_ts"
+)
+# Columns added after the first release of the table: (name, declaration) for Database.add_column.
+_ADDED_COLUMNS = (
+    ("updated", "REAL"),
+    ("operator_labels", "TEXT NOT NULL DEFAULT '{}'"),
+    ("operator_labels_ts", "REAL"),
 )
 # Each group of columns comes from one kind of message and has its own timestamp: the newer side
 # wins per group, so two controllers writing the same node never put older facts over newer ones.
@@ -91,6 +116,7 @@ _GROUPS = (
     ("reported_ts", ("version", "previous_version", "update_state", "generation", "labels")),
     ("health_ts", ("healthy",)),
     ("heartbeat_ts", ("heartbeat",)),
+    ("operator_labels_ts", ("operator_labels",)),
 )
 
 
@@ -112,7 +138,7 @@ _ASSIGNMENTS = ", ".join(
 )
 # Built from the constants above only, never from input.
 _UPSERT = (
-    f"INSERT INTO registry_nodes ({_COLUMNS}, updated) VALUES ({', '.join('?' * 16)})"  # noqa: S608
+    f"INSERT INTO registry_nodes ({_COLUMNS}, updated) VALUES ({', '.join('?' * (_COLUMNS.count(',') + 2))})"  # noqa: S608
     f" ON CONFLICT (id) DO UPDATE SET {_ASSIGNMENTS}"
 )
 _SELECT = f"SELECT {_COLUMNS} FROM registry_nodes"  # noqa: S608 - constant column list
@@ -136,13 +162,15 @@ class _Node:
     previous_version: str | None = None
     update_state: str | None = None
     generation: int | None = None
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # as the node reports them
     reported_ts: float | None = None
     healthy: bool | None = None
     health_ts: float | None = None
     last_seen: float | None = None
     heartbeat_ts: float | None = None
     heartbeat: dict[str, Any] = field(default_factory=dict)
+    operator_labels: dict[str, str] = field(default_factory=dict)  # set on the controller, never by the node
+    operator_labels_ts: float | None = None
     health: collections.deque[HealthRecord] = field(default_factory=collections.deque)
     events: collections.deque[Event] = field(default_factory=lambda: collections.deque(maxlen=RECENT_EVENTS))
 
@@ -163,7 +191,12 @@ class _Node:
             self.last_seen,
             self.heartbeat_ts,
             json.dumps(self.heartbeat, sort_keys=True),
+            json.dumps(self.operator_labels, sort_keys=True),
+            self.operator_labels_ts,
         )
+
+    def effective_labels(self) -> dict[str, str]:
+        return self.labels | self.operator_labels
 
 
 class Registry:
@@ -192,6 +225,7 @@ class Registry:
         self.history_limit = health_history
         self.max_payload = max_payload
         self.counters: collections.Counter[str] = collections.Counter()
+        self.rejects = Rejects()  # device values out of bounds, by field (see fleet/controller/bounds.py)
         self._lock = threading.Lock()
         # Serialises flushes: each writes full rows, so they must land in the order they were taken.
         self._flush_lock = threading.Lock()
@@ -206,7 +240,7 @@ class Registry:
             Channel.EVENTS: self._on_event,
         }
         db.migrate(SCHEMA)
-        _add_updated_column(db)
+        _add_columns(db)
         self._refreshed_upto = 0.0  # newest `updated` folded in by refresh()
         self._health_seq = 0  # newest registry_health row folded in
         self._load()
@@ -240,6 +274,11 @@ class Registry:
             log.warning("registry: ignored message on %s: channel %s is not read by the registry", topic, channel)
             return
         now = self.clock()
+        try:
+            message = screen(node_id, channel.value, message, now, self.rejects)
+        except OutOfBounds:
+            self._count("rejected_messages")  # counted per field and logged by screen()
+            return
         with self._lock:
             node = self._nodes.get(node_id)
             if node is None:
@@ -299,6 +338,35 @@ class Registry:
         assert isinstance(message, Event)
         self.counters["events"] += 1
         node.events.append(message)
+
+    # ---- operator labels (API threads) -----------------------------------------------------
+
+    def set_labels(self, node_id: str, labels: dict[str, str | None], *, replace_all: bool = False) -> NodeView:
+        """Change a node's operator labels: each ``key: value`` sets one, ``key: None`` removes it;
+        with ``replace_all`` the given labels become the whole set. Written to the database before
+        it takes effect. ``NotFound`` for a node never heard from, ``BadRequest`` for a bad label."""
+        problems = [problem for key, value in labels.items() if (problem := check_operator_label(key, value))]
+        if problems:
+            raise BadRequest("; ".join(problems))
+        with self._flush_lock:
+            with self._lock:
+                node = self._get(node_id)
+                new = {} if replace_all else dict(node.operator_labels)
+                for key, value in labels.items():
+                    if value is None:
+                        new.pop(key, None)
+                    else:
+                        new[key] = value
+                if len(new) > MAX_OPERATOR_LABELS:
+                    raise BadRequest(f"node {node_id}: at most {MAX_OPERATOR_LABELS} operator labels, not {len(new)}")
+                now = max(self.clock(), (node.operator_labels_ts or 0.0) + 1e-6)  # later than the last change
+                row = (*replace(node, operator_labels=new, operator_labels_ts=now).row(), now)
+            self._write([row], [])  # an error leaves everything as it was
+            with self._lock:
+                node.operator_labels, node.operator_labels_ts = new, now
+                view = self._view(node, self.clock())
+        log.info("registry: operator labels of %s: %s", node_id, _format_labels(new))
+        return view
 
     # ---- persistence -----------------------------------------------------------------------
 
@@ -400,11 +468,12 @@ class Registry:
         return NodeStatus.ONLINE
 
     def nodes(self, selector: dict[str, str] | None = None) -> list[NodeView]:
-        """Nodes whose labels include every ``selector`` pair (all nodes without one), sorted by id."""
+        """Nodes whose effective labels (reported, overlaid with the operator's) include every
+        ``selector`` pair (all nodes without one), sorted by id."""
         wanted = (selector or {}).items()
         with self._lock:
             now = self.clock()
-            matching = [node for node in self._nodes.values() if wanted <= node.labels.items()]
+            matching = [node for node in self._nodes.values() if wanted <= node.effective_labels().items()]
             return sorted((self._view(node, now) for node in matching), key=lambda view: view.id)
 
     def node_view(self, node_id: str) -> NodeView:
@@ -448,7 +517,9 @@ class Registry:
             update_state=node.update_state,
             healthy=node.healthy,
             generation=node.generation,
-            labels=dict(node.labels),
+            labels=node.effective_labels(),
+            operator_labels=dict(node.operator_labels),
+            reported_labels=dict(node.labels),
             last_seen=node.last_seen,
             health_ts=node.health_ts,
             reported_ts=node.reported_ts,
@@ -474,7 +545,11 @@ def _node_from_row(row: Iterable[Any], history: int) -> _Node:
         last_seen,
         heartbeat_ts,
         heartbeat,
+        operator_labels,
+        operator_labels_ts,
     ) = row
+    if generation is not None and generation > MAX_GENERATION:
+        generation = None  # stored by a controller before the bounds (fleet/controller/bounds.py)
     return _Node(
         id=node_id,
         connection=connection,
@@ -491,8 +566,14 @@ def _node_from_row(row: Iterable[Any], history: int) -> _Node:
         last_seen=last_seen,
         heartbeat_ts=heartbeat_ts,
         heartbeat=json.loads(heartbeat),
+        operator_labels=json.loads(operator_labels),
+        operator_labels_ts=operator_labels_ts,
         health=collections.deque(maxlen=history),
     )
+
+
+def _format_labels(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items())) or "none"
 
 
 def _health_detail(message: Health) -> str | None:
@@ -530,9 +611,10 @@ def _merge_newer(ours: _Node, theirs: _Node) -> None:
         ours.last_seen = theirs.last_seen
 
 
-def _add_updated_column(db: Database) -> None:
-    """Databases from before shared ingest lack ``registry_nodes.updated``."""
-    columns = {row[1] for row in db.query("PRAGMA table_info(registry_nodes)")}
-    if "updated" not in columns:
-        db.execute("ALTER TABLE registry_nodes ADD COLUMN updated REAL")
+def _add_columns(db: Database) -> None:
+    """Databases from before shared ingest lack ``registry_nodes.updated``, from before operator
+    labels ``operator_labels`` and ``operator_labels_ts``."""
+    for column, declaration in _ADDED_COLUMNS:
+        if db.add_column("registry_nodes", column, declaration):
+            log.info("registry: added column registry_nodes.%s to %s", column, db.path)
     db.execute("CREATE INDEX IF NOT EXISTS registry_nodes_updated ON registry_nodes (updated)")

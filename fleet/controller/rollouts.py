@@ -16,9 +16,17 @@ because publishing is skipped when the node's desired state already is what we w
     waiting -> updating (intent committed) -> updated (target desired state published)
     waiting -> unchanged (already on the target version: nothing published, never rolled back)
     updating | updated -> rolling_back (intent) -> reset (baseline published) -> rollback_sent
+    waiting -> skipped (the node could not be started: failed, never published to)
+    rolling_back -> reset_failed (baseline not published) -> rollback_sent | rollback_failed
 
 ``outcome`` (pending, succeeded, failed, unreachable, rolled_back) is what the operator sees.
 Thresholds apply per wave: each wave is a gate on its own nodes.
+
+Nodes are isolated from each other in every step of a tick, including the abort: an error on one
+node (its data, or publishing to it) is logged and counted (``node_errors``) for that node, and the
+others carry on. A step that only reads is not retried (the node is judged failed); one with a
+side effect is retried on the next ticks, and after ``NODE_ATTEMPTS`` failures in a row the node is
+given up as failed with the reason, so no single node can hold a rollout in ``aborting``.
 """
 
 from __future__ import annotations
@@ -109,7 +117,13 @@ MAX_WAVES = 100
 # Phases (see the module docstring).
 WAITING, UNCHANGED, UPDATING, UPDATED = "waiting", "unchanged", "updating", "updated"
 ROLLING_BACK, RESET, ROLLBACK_SENT = "rolling_back", "reset", "rollback_sent"
+SKIPPED, RESET_FAILED, ROLLBACK_FAILED = "skipped", "reset_failed", "rollback_failed"
 TOUCHED = (UPDATING, UPDATED)
+RESTORING = (ROLLING_BACK, RESET, RESET_FAILED)  # an abort is finished once no node is in these
+
+NODE_ATTEMPTS = 3
+"""Ticks in a row a side effect on one node may fail before that node is given up (as failed)."""
+_NOT_RESTORED = "not restored: "  # reason prefix of nodes an abort gave up on
 
 _FAILED_STATES = frozenset({UpdateState.FAILED.value, UpdateState.ROLLED_BACK.value})
 _SETTLED_STATES = frozenset({None, UpdateState.HEALTHY.value, UpdateState.IDLE.value})
@@ -239,12 +253,17 @@ def _canonical(selector: dict[str, str]) -> str:
 
 
 def node_order(rollout_id: str, nodes: Iterable[NodeView]) -> list[NodeView]:
-    """Canary-labelled nodes first, then a stable pseudo-random order per rollout: the same on every
-    restart (it is stored anyway), and different rollouts do not always hit the same nodes first."""
+    """Canary nodes first, then a stable pseudo-random order per rollout: the same on every restart
+    (it is stored anyway), and different rollouts do not always hit the same nodes first.
+
+    A canary is a node an operator labelled ``ring=canary`` on the controller. The ring a node
+    reports itself does not count: any device could otherwise put itself in the first wave of every
+    rollout it matches.
+    """
 
     def key(node: NodeView) -> tuple[bool, str]:
         digest = hashlib.sha256((rollout_id + node.id).encode()).hexdigest()
-        return node.labels.get("ring") != "canary", digest
+        return node.operator_labels.get("ring") != "canary", digest
 
     return sorted(nodes, key=key)
 
@@ -420,6 +439,10 @@ class RolloutEngine:
         # Serialises the tick thread and API calls. Never held by db.lock's owner when taken, and
         # publishing happens outside transactions (DesiredPublisher must not nest inside db.lock).
         self._lock = threading.RLock()
+        # Per-node errors by step (publish, start, classify, view, save, reset, rollback), for metrics.
+        self.node_errors: Counter[str] = Counter()
+        self._errors_lock = threading.Lock()  # node_errors only: a metrics scrape never waits for a tick
+        self._failures: dict[tuple[str, str, str], int] = {}  # (rollout, node, step) -> failures in a row
         db.migrate(SCHEMA)
 
     # ---- operator API ----------------------------------------------------------------------
@@ -475,6 +498,12 @@ class RolloutEngine:
         """Rollouts by state, every state present (for metrics)."""
         found = dict(self.db.query("SELECT state, COUNT(*) FROM rollouts GROUP BY state"))
         return {state.value: int(found.get(state.value, 0)) for state in RolloutState}
+
+    def metrics(self) -> dict[str, float]:
+        """``fleet_rollout_node_errors_total{step=...}``: one node's errors, isolated from the others."""
+        with self._errors_lock:
+            errors = dict(self.node_errors)
+        return {f'fleet_rollout_node_errors_total{{step="{step}"}}': float(n) for step, n in sorted(errors.items())}
 
     def tick(self) -> None:
         """Drive every rollout that has something to do; cheap when nothing changed."""
@@ -601,7 +630,15 @@ class RolloutEngine:
             views = self._views(rollout, waiting)
             with self.db.transaction() as tx:
                 for node in waiting:
-                    self._commit_start(tx, rollout, node, views.get(node), now)
+                    try:
+                        self._commit_start(tx, rollout, node, views.get(node), now)
+                    except Exception as exc:  # noqa: BLE001 - this node's data: it fails, the batch goes on (logged)
+                        self._node_error(rollout.id, node, "start", exc)
+                        tx.execute(
+                            "UPDATE rollout_nodes SET phase = ?, outcome = ?, reason = ?, started_at = ?"
+                            " WHERE rollout_id = ? AND node = ?",
+                            (SKIPPED, NodeOutcome.FAILED.value, f"not started: {_brief(exc)}", now, rollout.id, node),
+                        )
                 self._touch(tx, rollout.id, now)
         published = [
             track.node
@@ -647,9 +684,11 @@ class RolloutEngine:
             baseline = _load_ref(track.baseline_release)
             bases = [baseline.digest] if baseline is not None and baseline.digest != rollout.target.digest else []
             self.desired.publish_release(track.node, rollout.target.model_copy(update={"delta_bases": bases}))
-        except Exception:
-            log.exception("rollout %s: publishing to %s failed; retrying on the next tick", rollout.id, track.node)
+        except Exception as exc:  # noqa: BLE001 - logged in _node_error
+            # Retried on every tick; the wave timeout judges the node if it never works out.
+            self._node_error(rollout.id, track.node, "publish", exc)
             return False
+        self._node_ok(rollout.id, track.node, "publish")
         return True
 
     def _classify_wave(self, rollout: Rollout) -> None:
@@ -675,7 +714,11 @@ class RolloutEngine:
         views = self._views(rollout, [track.node for track in tracks])
         changed = []
         for track in tracks:
-            new = classify(track, views.get(track.node), clock)
+            try:
+                new = classify(track, views.get(track.node), clock)
+            except Exception as exc:  # noqa: BLE001 - a node that cannot be judged fails (logged)
+                self._node_error(rollout.id, track.node, "classify", exc)
+                new = replace(track, outcome=NodeOutcome.FAILED, reason=f"could not be judged: {_brief(exc)}")
             if track.outcome == NodeOutcome.UNREACHABLE and new.outcome == NodeOutcome.PENDING:
                 new = replace(new, outcome=NodeOutcome.UNREACHABLE, reason=track.reason)
             if new != track:
@@ -684,13 +727,29 @@ class RolloutEngine:
             self._save_observations(rollout.id, changed, now)
 
     def _save_observations(self, rollout_id: str, tracks: Sequence[Track], now: float) -> None:
+        """One transaction for all; if that fails, node by node, so one bad row cannot keep the
+        others' observations (and outcomes) from being saved."""
         sets = ", ".join(f"{column} = ?" for column in _OBSERVED)
-        with self.db.transaction() as tx:
-            tx.executemany(
-                f"UPDATE rollout_nodes SET {sets} WHERE rollout_id = ? AND node = ?",  # noqa: S608
-                [(*(_column(track, column) for column in _OBSERVED), rollout_id, track.node) for track in tracks],
-            )
-            self._touch(tx, rollout_id, now)
+        sql = f"UPDATE rollout_nodes SET {sets} WHERE rollout_id = ? AND node = ?"  # noqa: S608
+        rows = [(*(_column(track, column) for column in _OBSERVED), rollout_id, track.node) for track in tracks]
+        try:
+            with self.db.transaction() as tx:
+                tx.executemany(sql, rows)
+                self._touch(tx, rollout_id, now)
+        except Exception:
+            if len(tracks) == 1:
+                raise
+            for track in tracks:
+                try:
+                    self._save_observations(rollout_id, [track], now)
+                except Exception as exc:  # noqa: BLE001 - logged in _node_error
+                    self._node_error(rollout_id, track.node, "save", exc)
+                    reason = f"could not be recorded: {_brief(exc)}"
+                    self.db.execute(
+                        "UPDATE rollout_nodes SET outcome = ?, reason = ? WHERE rollout_id = ? AND node = ?",
+                        (NodeOutcome.FAILED.value, reason, rollout_id, track.node),
+                    )
+            return
         for track in tracks:
             if track.outcome != NodeOutcome.PENDING:
                 log.debug("rollout %s: %s %s (%s)", rollout_id, track.node, track.outcome.value, track.reason)
@@ -742,6 +801,7 @@ class RolloutEngine:
                     (rollout.current_wave + 1, now, rollout.id),
                 )
         if last:
+            self._forget_failures(rollout.id)
             log.info("rollout %s succeeded", rollout.id)
             return
         log.info("rollout %s: wave %d started", rollout.id, rollout.current_wave + 1)
@@ -773,37 +833,88 @@ class RolloutEngine:
 
     def _roll_back(self, rollout: Rollout) -> None:
         """Baseline desired state to every touched node first (the part that undoes the damage),
-        then one rollback command each, committed one by one: a command is not idempotent."""
-        resetting = self._tracks(rollout.id, "phase = ?", (ROLLING_BACK,))
-        for track in resetting:
-            baseline = _load_ref(track.baseline_release)
-            current = self.desired.current_release(track.node)
-            if _digest(current) != _digest(baseline):
-                self.desired.publish_release(track.node, baseline)
-        if resetting:
+        then one rollback command each, committed one by one: a command is not idempotent.
+
+        Node by node: one node's error never holds back the others' reset or command. The failed
+        step is retried on the next tick; after ``NODE_ATTEMPTS`` failures the node is given up
+        (failed, reason ``not restored: ...``; a node whose baseline could not be published still
+        gets its rollback command). The rollout is aborted once no node is left to restore.
+        """
+        reset: list[str] = []
+        given_up: list[tuple[str, str]] = []
+        for track in self._tracks(rollout.id, "phase = ?", (ROLLING_BACK,)):
+            try:
+                baseline = _load_ref(track.baseline_release)
+                current = self.desired.current_release(track.node)
+                if _digest(current) != _digest(baseline):
+                    self.desired.publish_release(track.node, baseline)
+            except Exception as exc:  # noqa: BLE001 - logged in _node_error
+                if self._node_error(rollout.id, track.node, "reset", exc, give_up=True):
+                    given_up.append((track.node, f"{_NOT_RESTORED}baseline desired state not published: {_brief(exc)}"))
+                continue
+            self._node_ok(rollout.id, track.node, "reset")
+            reset.append(track.node)
+        if reset or given_up:
             with self.db.transaction() as tx:
                 tx.executemany(
                     "UPDATE rollout_nodes SET phase = ? WHERE rollout_id = ? AND node = ?",
-                    [(RESET, rollout.id, track.node) for track in resetting],
+                    [(RESET, rollout.id, node) for node in reset],
                 )
-        for track in self._tracks(rollout.id, "phase = ?", (RESET,)):
+                tx.executemany(
+                    "UPDATE rollout_nodes SET phase = ?, outcome = ?, reason = ? WHERE rollout_id = ? AND node = ?",
+                    [(RESET_FAILED, NodeOutcome.FAILED.value, why, rollout.id, node) for node, why in given_up],
+                )
+        for track in self._tracks(rollout.id, "phase IN (?, ?)", (RESET, RESET_FAILED)):
             args = {"release": rollout.target.name, "from": rollout.target.version, "to": track.baseline_version}
-            self.commands.send(track.node, "rollback", args, rollout_id=rollout.id)
+            try:
+                self.commands.send(track.node, "rollback", args, rollout_id=rollout.id)
+            except Exception as exc:  # noqa: BLE001 - logged in _node_error
+                if self._node_error(rollout.id, track.node, "rollback", exc, give_up=True):
+                    why = track.reason if track.phase == RESET_FAILED else None
+                    why = why or f"{_NOT_RESTORED}rollback command not sent: {_brief(exc)}"
+                    self.db.execute(
+                        "UPDATE rollout_nodes SET phase = ?, outcome = ?, reason = ? WHERE rollout_id = ? AND node = ?",
+                        (ROLLBACK_FAILED, NodeOutcome.FAILED.value, why, rollout.id, track.node),
+                    )
+                continue
+            self._node_ok(rollout.id, track.node, "rollback")
             self.db.execute(
                 "UPDATE rollout_nodes SET phase = ? WHERE rollout_id = ? AND node = ?",
                 (ROLLBACK_SENT, rollout.id, track.node),
             )
+        (left,) = self.db.query(
+            "SELECT COUNT(*) FROM rollout_nodes WHERE rollout_id = ? AND phase IN (?, ?, ?)", (rollout.id, *RESTORING)
+        )[0]
+        if left:
+            log.warning("rollout %s: %d node(s) not restored yet; retrying on the next tick", rollout.id, left)
+            return
+        not_restored = [
+            node
+            for (node,) in self.db.query(
+                "SELECT node FROM rollout_nodes WHERE rollout_id = ? AND reason LIKE ? ORDER BY position",
+                (rollout.id, _NOT_RESTORED + "%"),
+            )
+        ]
+        detail = rollout.detail
+        if not_restored:
+            more = " ..." if len(not_restored) > 10 else ""
+            detail = f"{detail}; not restored: {', '.join(not_restored[:10])}{more}"
         now = self.clock()
         with self.db.transaction() as tx:
             tx.execute(
-                "UPDATE rollouts SET state = ?, confirm_until = ?, updated = ? WHERE id = ?",
-                (RolloutState.ABORTED.value, now + rollout.request.wave_timeout, now, rollout.id),
+                "UPDATE rollouts SET state = ?, detail = ?, confirm_until = ?, updated = ? WHERE id = ?",
+                (RolloutState.ABORTED.value, detail, now + rollout.request.wave_timeout, now, rollout.id),
             )
-        log.warning("rollout %s aborted: %s", rollout.id, rollout.detail)
+        self._forget_failures(rollout.id)
+        log.warning("rollout %s aborted: %s", rollout.id, detail)
 
     def _confirm_rollbacks(self, rollout: Rollout) -> None:
         """After an abort, nodes seen back on their baseline version become rolled_back."""
-        tracks = self._tracks(rollout.id, "phase = ? AND outcome != ?", (ROLLBACK_SENT, NodeOutcome.ROLLED_BACK.value))
+        tracks = self._tracks(
+            rollout.id,
+            "phase IN (?, ?) AND outcome != ?",
+            (ROLLBACK_SENT, ROLLBACK_FAILED, NodeOutcome.ROLLED_BACK.value),
+        )
         views = self._views(rollout, [track.node for track in tracks]) if tracks else {}
         back = [
             replace(track, outcome=NodeOutcome.ROLLED_BACK, reason=track.reason)
@@ -862,7 +973,35 @@ class RolloutEngine:
                     views[node] = self.fleet.node_view(node)
                 except NotFound:
                     continue
+                except Exception as exc:  # noqa: BLE001 - this node only, judged as unknown (logged)
+                    self._node_error(rollout.id, node, "view", exc)
         return views
+
+    # ---- per-node errors -------------------------------------------------------------------
+
+    def _node_error(self, rollout_id: str, node: str, step: str, exc: Exception, *, give_up: bool = False) -> bool:
+        """Log and count one node's error in ``step``. With ``give_up``: True once the step failed
+        ``NODE_ATTEMPTS`` times in a row for the node (the caller gives the node up)."""
+        key = (rollout_id, node, step)
+        attempts = self._failures[key] = self._failures.get(key, 0) + 1
+        with self._errors_lock:
+            self.node_errors[step] += 1
+        final = give_up and attempts >= NODE_ATTEMPTS
+        then = "giving up on the node" if final else "retrying on the next tick" if give_up else "other nodes go on"
+        # The traceback once per node and step: a node failing every tick must not flood the log.
+        log.error("rollout %s: %s failed for %s (%s; %s)", rollout_id, step, node, _brief(exc), then,
+                  exc_info=exc if attempts == 1 else None)  # fmt: skip
+        if final:
+            del self._failures[key]
+        return final
+
+    def _node_ok(self, rollout_id: str, node: str, step: str) -> None:
+        self._failures.pop((rollout_id, node, step), None)
+
+    def _forget_failures(self, rollout_id: str) -> None:
+        """The rollout is finished: its nodes' failure streaks no longer matter."""
+        for key in [key for key in self._failures if key[0] == rollout_id]:
+            del self._failures[key]
 
     @staticmethod
     def _touch(tx: sqlite3.Connection, rollout_id: str, now: float) -> None:
@@ -912,6 +1051,12 @@ def _column(track: Track, column: str) -> Any:
     if isinstance(value, bool):
         return int(value)
     return value
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one short line for a node's reason and the log."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def _dump_ref(ref: ReleaseRef | None) -> str | None:

@@ -39,6 +39,20 @@ class Database:
         with self.lock:
             self._db.executescript(schema)
 
+    def add_column(self, table: str, column: str, declaration: str) -> bool:
+        """Add ``column`` to a table created by an older version (idempotent); True if it was added.
+
+        ``table``, ``column`` and ``declaration`` come from the calling module's constants, never
+        from input (SQLite cannot bind names). A new column goes into the module's CREATE TABLE as
+        well, so a new database has it from the start and this only upgrades old files.
+        """
+        with self.lock:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column in columns:
+                return False
+            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            return True
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT under the lock; ROLLBACK on any exception."""

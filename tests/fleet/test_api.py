@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleet.controller.api import ApiServer, create_app, parse_metric_key, serve_in_thread
+from fleet.controller.bounds import check_operator_label
 from fleet.controller.facade import (
     AckRecord,
     BadRequest,
@@ -61,6 +62,9 @@ class MemoryController:
                          labels={"ring": "main", "site": "plant-7"}),
             )
         }  # fmt: skip
+        self._nodes = {
+            node: view.model_copy(update={"reported_labels": view.labels}) for node, view in self._nodes.items()
+        }
         self._health = {"gw-0001": [HealthRecord(ts=now - 5, healthy=True, detail="all checks passed")]}
         self._commands: dict[str, CommandView] = {}
         self._rollouts: dict[str, RolloutView] = {}
@@ -104,6 +108,21 @@ class MemoryController:
                 command = command.model_copy(update={"acks": acks, "status": status})
                 self._commands[command_id] = command
             return command
+
+    def set_labels(self, node_id: str, labels: dict[str, str | None], *, replace_all: bool = False) -> NodeView:
+        view = self._known(node_id)
+        problems = [problem for key, value in labels.items() if (problem := check_operator_label(key, value))]
+        if problems:
+            raise BadRequest("; ".join(problems))
+        operator = {} if replace_all else dict(view.operator_labels)
+        for key, value in labels.items():
+            if value is None:
+                operator.pop(key, None)
+            else:
+                operator[key] = value
+        effective = view.reported_labels | operator
+        self._nodes[node_id] = view.model_copy(update={"operator_labels": operator, "labels": effective})
+        return self._nodes[node_id]
 
     def _known(self, node_id: str) -> NodeView:
         view = self._nodes.get(node_id)
@@ -221,6 +240,47 @@ def test_nodes_list_all_and_by_selector(client: TestClient) -> None:
     canary = client.get("/nodes", params={"selector": "ring=canary, site=plant-3"}).json()
     assert [node["id"] for node in canary] == ["gw-0001"]
     assert canary[0]["status"] == "online" and canary[0]["labels"] == {"ring": "canary", "site": "plant-3"}
+
+
+def test_operator_labels_put_and_patch(client: TestClient) -> None:
+    put = client.put("/nodes/gw-0002/labels", json={"ring": "canary", "owner": "team-a"})
+    assert put.status_code == 200
+    node = put.json()
+    assert node["operator_labels"] == {"ring": "canary", "owner": "team-a"}
+    assert node["reported_labels"] == {"ring": "main", "site": "plant-3"}
+    assert node["labels"] == {"ring": "canary", "site": "plant-3", "owner": "team-a"}  # the operator's ring wins
+    patched = client.patch("/nodes/gw-0002/labels", json={"owner": None, "tier": "gold"}).json()
+    assert patched["operator_labels"] == {"ring": "canary", "tier": "gold"}
+    selected = client.get("/nodes", params={"selector": "ring=canary"}).json()
+    assert [view["id"] for view in selected] == ["gw-0001", "gw-0002"]
+    assert client.put("/nodes/gw-0002/labels", json={}).json()["operator_labels"] == {}
+    assert client.get("/nodes/gw-0002").json()["node"]["labels"] == {"ring": "main", "site": "plant-3"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error"),
+    [
+        ("put", "/nodes/gw-9999/labels", {"ring": "canary"}, 404, "no node 'gw-9999'"),
+        ("patch", "/nodes/gw-0001/labels", {"ring": "can ary"}, 400, "label ring='can ary': the value must be"),
+        ("patch", "/nodes/gw-0001/labels", {"a,b": "x"}, 400, "label key 'a,b': 1-63 characters"),
+        ("put", "/nodes/gw-0001/labels", {"ring": None}, 422, "body.ring: Input should be a valid string"),
+        ("patch", "/nodes/gw-0001/labels", {"ring": 3}, 422, "body.ring: Input should be a valid string"),
+        ("patch", "/nodes/gw-0001/labels", ["ring"], 422, "body: Input should be a valid dictionary"),
+    ],
+)
+def test_operator_label_errors(client: TestClient, method: str, path: str, body: Any, status: int, error: str) -> None:
+    response = client.request(method.upper(), path, json=body)
+    assert response.status_code == status
+    assert response.json()["error"].startswith(error)
+
+
+def test_operator_labels_are_501_on_a_controller_without_them() -> None:
+    class NoLabels(MemoryController):
+        set_labels = None  # type: ignore[assignment]
+
+    with TestClient(create_app(NoLabels())) as plain:
+        response = plain.patch("/nodes/gw-0001/labels", json={"ring": "canary"})
+        assert (response.status_code, response.json()) == (501, {"error": "this controller keeps no operator labels"})
 
 
 def test_nodes_malformed_selector_is_400(client: TestClient) -> None:
@@ -413,7 +473,7 @@ def test_openapi_describes_every_route(client: TestClient) -> None:
     assert schema["info"]["title"] == "fleet controller" and schema["info"]["version"]
     paths = schema["paths"]
     assert set(paths) == {
-        "/nodes", "/nodes/{node_id}", "/nodes/{node_id}/commands", "/commands/{command_id}",
+        "/nodes", "/nodes/{node_id}", "/nodes/{node_id}/commands", "/nodes/{node_id}/labels", "/commands/{command_id}",
         "/rollouts", "/rollouts/{rollout_id}", "/rollouts/{rollout_id}/pause",
         "/rollouts/{rollout_id}/resume", "/rollouts/{rollout_id}/abort", "/metrics", "/healthz",
     }  # fmt: skip

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet.controller.bounds import GENERATION_AHEAD, MAX_GENERATION
 from fleet.controller.desired import DesiredPublisher
 from fleet.controller.facade import NotFound
 from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
@@ -110,6 +111,63 @@ def test_a_reported_generation_raises_the_next_one(publisher: DesiredPublisher, 
         assert DesiredPublisher(other, wire).publish_config("gw-a", {}) == 42  # observed 41 is kept
     finally:
         other.close()
+
+
+# --- a device's generation is bounded -------------------------------------------------------------
+
+
+def test_a_reported_generation_of_2_63_is_refused_and_the_next_publish_still_works(
+    publisher: DesiredPublisher, wire: Wire, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lying device reporting the largest generation the wire holds would make every later
+    document for it invalid (one past 2^63-1): the controller does not build on it."""
+    assert publisher.publish_release("gw-a", release("1.0.0")) == 1
+    assert publisher.observe_reported("gw-a", 2**63 - 1) is False
+    assert publisher.publish_release("gw-a", None) == 2
+    assert wire.of("gw-a").generation == 2
+    assert publisher.rejects.counts() == {"reported.generation": 1}
+    (line,) = [r.getMessage() for r in caplog.records if "reported.generation" in r.getMessage()]
+    assert (
+        line == f"device gw-a: reported.generation {2**63 - 1} is above {1 + GENERATION_AHEAD} (1 published) (ignored)"
+    )
+
+
+def test_a_reported_generation_may_lead_ours_by_a_bounded_amount(publisher: DesiredPublisher) -> None:
+    # A restored backup: the agent applied generations the database no longer remembers.
+    publisher.publish_config("gw-a", {})
+    assert publisher.observe_reported("gw-a", 1 + GENERATION_AHEAD) is True
+    assert publisher.publish_config("gw-a", {}) == 2 + GENERATION_AHEAD
+    assert publisher.observe_reported("gw-a", 2 + 2 * GENERATION_AHEAD + 1) is False
+    assert publisher.publish_config("gw-a", {}) == 3 + GENERATION_AHEAD
+    # Nothing published (a lost database): only the absolute bound applies, and one past it is valid.
+    assert publisher.observe_reported("gw-b", MAX_GENERATION + 1) is False
+    assert publisher.observe_reported("gw-b", MAX_GENERATION) is True
+    assert publisher.publish_config("gw-b", {}) == MAX_GENERATION + 1
+    assert publisher.rejects.count("reported.generation") == 2
+
+
+def test_a_generation_stored_before_the_bounds_is_forgotten(db: Database, wire: Wire) -> None:
+    DesiredPublisher(db, wire)  # creates the tables
+    db.execute("INSERT INTO desired_observed (node, generation) VALUES ('gw-liar', ?), ('gw-ok', 41)", (2**63 - 1,))
+    publisher = DesiredPublisher(db, wire)
+    assert publisher.rejects.counts() == {"reported.generation": 1}
+    assert publisher.publish_config("gw-liar", {}) == 1
+    assert publisher.publish_config("gw-ok", {}) == 42
+
+
+def test_republishing_goes_on_past_a_node_that_fails(db: Database, wire: Wire) -> None:
+    publisher = DesiredPublisher(db, wire)
+    for node in ("gw-a", "gw-b", "gw-c"):
+        publisher.publish_config(node, {})
+
+    def flaky(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if "/gw-b/" in topic:
+            raise TransportError("outgoing queue full")
+        wire(topic, payload, qos, retain)
+
+    wire.count = 0
+    assert DesiredPublisher(db, flaky).republish_all() == 2
+    assert wire.count == 2
 
 
 def test_config_and_probe_are_kept_when_only_the_release_changes(publisher: DesiredPublisher, wire: Wire) -> None:

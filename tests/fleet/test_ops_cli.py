@@ -26,6 +26,7 @@ def cli() -> typer.Typer:
     app = typer.Typer()
     app.command("nodes")(ops_cmd.nodes)
     app.command("node")(ops_cmd.node)
+    app.command("label")(ops_cmd.label)
     app.command("send")(ops_cmd.send)
     app.command("watch")(watch_cmd.watch)
     app.add_typer(ops_cmd.rollout_app, name="rollout")
@@ -68,6 +69,39 @@ def test_node_detail(controller: str) -> None:
     out = ok("node", "gw-0001").stdout
     assert "gw-0001" in out and "all checks passed" in out and "health history" in out
     assert json.loads(ok("node", "gw-0001", "-o", "json").stdout)["node"]["labels"]["ring"] == "canary"
+
+
+def test_label_sets_and_removes_operator_labels_shown_apart_from_reported_ones(controller: str) -> None:
+    out = ok("label", "gw-0002", "ring=canary", "owner=team-a").stdout
+    assert "ring=canary" in out and "ring=main" in out  # operator and reported, each on its own line
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert lines["labels"].split()[-1] == "owner=team-a,ring=canary"
+    shown = json.loads(ok("label", "gw-0002", "owner-", "-o", "json").stdout)
+    assert shown["operator_labels"] == {"ring": "canary"}
+    assert shown["reported_labels"] == {"ring": "main", "site": "plant-3"}
+    assert shown["labels"] == {"ring": "canary", "site": "plant-3"}
+    assert json.loads(ok("label", "gw-0002", "-o", "json").stdout) == shown  # no change: shows the labels
+    table = ok("nodes").stdout
+    assert "REPORTED LABELS" in table
+    row = next(line for line in table.splitlines() if line.split()[:1] == ["gw-0002"])
+    assert "ring=canary " in row and row.rstrip().endswith("ring=main,site=plant-3")
+    detail = ok("node", "gw-0002").stdout
+    assert "reported labels" in detail and "effective labels" in detail
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (("gw-0002", "ring"), "fleet: error: label 'ring': expected KEY=VALUE to set or KEY- to remove\n"),
+        (("gw-0002", "=x"), "fleet: error: label '=x': expected KEY=VALUE to set or KEY- to remove\n"),
+        (("gw-0002", "ring=can ary"), "fleet: error: label ring='can ary': the value must be 1-128 characters"),
+        (("gw-9999", "ring=canary"), "fleet: error: no node 'gw-9999'\n"),
+    ],
+)
+def test_label_errors_are_one_line_with_exit_2(controller: str, args: tuple[str, ...], error: str) -> None:
+    result = run("label", *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(error)
 
 
 def test_send_wait_prints_the_ack_trail(controller: str) -> None:

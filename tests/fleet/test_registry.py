@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet.controller.facade import NodeStatus, NotFound
+from fleet.controller.bounds import MAX_TEXT
+from fleet.controller.facade import BadRequest, NodeStatus, NotFound
 from fleet.controller.mqtt import FleetMqtt, MqttOptions, TlsIdentity
 from fleet.controller.registry import FILTERS, Registry
 from fleet.controller.storage import Database
@@ -234,6 +235,157 @@ def test_selector_matches_label_equality_sorted_by_id(registry: Registry) -> Non
     # Labels are replaced by each reported message, not merged: a removed label is gone.
     send(registry, "gw-c", reported({"site": "plant-3"}), Channel.REPORTED)
     assert [v.id for v in registry.nodes({"ring": "canary"})] == ["gw-a"]
+
+
+# --- what a device reports is bounded ----------------------------------------------------------
+
+
+def test_a_reported_generation_of_2_63_drops_the_message(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    send(registry, "gw-a", reported({"fleet": "x"}), Channel.REPORTED)
+    lie = Reported(generation=2**63 - 1, version="6.6.6", state=UpdateState.FAILED, labels={"ring": "canary"}, ts=1.0)
+    send(registry, "gw-a", lie, Channel.REPORTED)
+    view = registry.node_view("gw-a")
+    assert (view.generation, view.version, view.update_state, view.labels) == (3, "1.2.0", "healthy", {"fleet": "x"})
+    assert registry.rejects.counts() == {"reported.generation": 1}
+    assert registry.counters["rejected_messages"] == 1
+    lines = [r.getMessage() for r in caplog.records if "reported.generation" in r.getMessage()]
+    assert lines == [f"device gw-a: reported.generation {2**63 - 1} is above {2**53} (message dropped)"]
+
+
+@pytest.mark.parametrize(
+    ("message", "channel", "field"),
+    [
+        (Heartbeat(seq=2**60, uptime=1.0, cpu=1.0, mem_free=1, disk_free=1), Channel.HEARTBEAT, "heartbeat.seq"),
+        (Heartbeat(seq=1, uptime=1.0, cpu=1.0, mem_free=2**62, disk_free=1), Channel.HEARTBEAT, "heartbeat.mem_free"),
+        (Heartbeat(seq=1, uptime=1.0, cpu=1.0, mem_free=1, disk_free=2**61), Channel.HEARTBEAT, "heartbeat.disk_free"),
+        (Heartbeat(seq=1, uptime=1e12, cpu=1.0, mem_free=1, disk_free=1), Channel.HEARTBEAT, "heartbeat.uptime"),
+        (Heartbeat(seq=1, uptime=1.0, cpu=1e9, mem_free=1, disk_free=1), Channel.HEARTBEAT, "heartbeat.cpu"),
+        (Heartbeat(seq=1, uptime=1, cpu=1, mem_free=1, disk_free=1, latency_ms=1e10), Channel.HEARTBEAT,
+         "heartbeat.latency_ms"),
+        (Health(healthy=True, consecutive_failures=2**62, ts=1.0), Channel.HEALTH, "health.consecutive_failures"),
+        (Health(healthy=False, probes=[ProbeResult(name="p", ok=False)] * 65, ts=1.0), Channel.HEALTH,
+         "health.probes"),
+        (Reported(generation=1, version="v" * 129, state=UpdateState.IDLE, ts=1.0), Channel.REPORTED,
+         "reported.version"),
+        (Reported(generation=1, state=UpdateState.IDLE, labels={f"k{i}": "v" for i in range(65)}, ts=1.0),
+         Channel.REPORTED, "reported.labels"),
+        (Reported(generation=1, state=UpdateState.IDLE, labels={"k": "v" * 257}, ts=1.0), Channel.REPORTED,
+         "reported.labels"),
+        (Status(state="online", agent_version="x" * 200), Channel.STATUS, "status.agent_version"),
+        (Event(kind="big", data={"blob": "x" * 5000}, ts=1.0), Channel.EVENTS, "events.data"),
+    ],
+)  # fmt: skip
+def test_values_out_of_bounds_drop_the_message_and_are_counted_per_field(
+    registry: Registry, message: Message, channel: Channel, field: str
+) -> None:
+    send(registry, "gw-a", message, channel)
+    assert not registry.known("gw-a")  # a node does not even appear from a message out of bounds
+    assert registry.rejects.counts() == {field: 1}
+    assert registry.counters["rejected_messages"] == 1
+
+
+def test_free_text_is_cut_and_device_clocks_are_not_trusted(registry: Registry, clock: Clock) -> None:
+    send(registry, "gw-a", Event(kind="note", detail="x" * 5000, ts=clock.now + 10 * 86_400), Channel.EVENTS)
+    (event,) = registry.recent_events("gw-a")
+    assert event.detail == "x" * MAX_TEXT
+    assert event.ts == clock.now  # ten days ahead: the receipt time instead
+    probes = [ProbeResult(name="http", ok=False, detail="y" * 3000)]
+    send(registry, "gw-a", Health(healthy=False, probes=probes, ts=clock.now), Channel.HEALTH)
+    (record,) = registry.health_history("gw-a")
+    assert record.detail == "http: " + "y" * MAX_TEXT
+    send(registry, "gw-a", Event(kind="note", ts=clock.now - 3600), Channel.EVENTS)  # an hour behind is fine
+    assert registry.recent_events("gw-a")[-1].ts == clock.now - 3600
+    assert registry.rejects.counts() == {"events.detail": 1, "events.ts": 1, "health.probes.detail": 1}
+    assert registry.counters["rejected_messages"] == 0  # kept, only bounded
+
+
+# --- operator labels --------------------------------------------------------------------------
+
+
+def test_operator_labels_win_over_reported_ones_and_survive_a_restart(
+    registry: Registry, db_path: Path, clock: Clock
+) -> None:
+    send(registry, "gw-a", reported({"ring": "canary", "site": "plant-3"}), Channel.REPORTED)
+    send(registry, "gw-b", reported({"ring": "main", "site": "plant-3"}), Channel.REPORTED)
+    view = registry.set_labels("gw-a", {"ring": "main"})
+    assert (view.operator_labels, view.reported_labels) == ({"ring": "main"}, {"ring": "canary", "site": "plant-3"})
+    assert view.labels == {"ring": "main", "site": "plant-3"}
+    registry.set_labels("gw-b", {"ring": "canary", "tier": "gold"})
+    assert [v.id for v in registry.nodes({"ring": "canary"})] == ["gw-b"]  # selectors match effective labels
+    assert [v.id for v in registry.nodes({"site": "plant-3"})] == ["gw-a", "gw-b"]
+    # The node keeps reporting its own ring: it changes its reported labels, never the operator's.
+    send(registry, "gw-a", reported({"ring": "canary"}), Channel.REPORTED)
+    assert registry.node_view("gw-a").labels == {"ring": "main"}
+    assert registry.set_labels("gw-b", {"tier": None}).operator_labels == {"ring": "canary"}
+    assert registry.set_labels("gw-b", {"zone": "z1"}, replace_all=True).operator_labels == {"zone": "z1"}
+    # Written at once (not with the next telemetry flush): a restart right away keeps them.
+    other = Database(db_path)
+    try:
+        restarted = Registry(other, clock=clock)
+        assert restarted.node_view("gw-a").operator_labels == {"ring": "main"}
+        assert restarted.node_view("gw-b").labels == {"ring": "main", "site": "plant-3", "zone": "z1"}
+    finally:
+        other.close()
+
+
+def test_operator_labels_are_checked(registry: Registry) -> None:
+    with pytest.raises(NotFound, match="gw-x"):
+        registry.set_labels("gw-x", {"ring": "canary"})
+    send(registry, "gw-a", heartbeat(), Channel.HEARTBEAT)
+    for bad in ({"ring": "can,ary"}, {"ring": ""}, {"bad key": "x"}, {"-x": "y"}, {"k": "v" * 129}):
+        with pytest.raises(BadRequest, match="label"):
+            registry.set_labels("gw-a", bad)  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="at most 32"):
+        registry.set_labels("gw-a", {f"k{i}": "v" for i in range(33)})
+    assert registry.node_view("gw-a").operator_labels == {}
+
+
+def test_a_database_from_before_operator_labels_is_upgraded(db_path: Path, clock: Clock) -> None:
+    old = Database(db_path)
+    old.execute(
+        "CREATE TABLE registry_nodes (id TEXT PRIMARY KEY, connection TEXT, status_ts REAL, agent_version TEXT,"
+        " version TEXT, previous_version TEXT, update_state TEXT, generation INTEGER, labels TEXT NOT NULL"
+        " DEFAULT '{}', reported_ts REAL, healthy INTEGER, health_ts REAL, last_seen REAL, heartbeat_ts REAL,"
+        " heartbeat TEXT NOT NULL DEFAULT '{}')"
+    )
+    old.execute(
+        "INSERT INTO registry_nodes (id, version, generation, labels, last_seen) VALUES (?, ?, ?, ?, ?)",
+        ("gw-old", "1.0.0", 2**63 - 1, '{"ring": "canary"}', clock.now),
+    )
+    old.close()
+    db = Database(db_path)
+    try:
+        registry = Registry(db, clock=clock)
+        view = registry.node_view("gw-old")
+        assert (view.version, view.reported_labels, view.operator_labels) == ("1.0.0", {"ring": "canary"}, {})
+        assert view.generation is None  # stored by a controller before the bounds: not shown
+        assert registry.set_labels("gw-old", {"ring": "main"}).labels == {"ring": "main"}
+        assert Registry(db, clock=clock).node_view("gw-old").operator_labels == {"ring": "main"}
+    finally:
+        db.close()
+
+
+def test_controllers_sharing_a_database_see_each_others_operator_labels(tmp_path: Path) -> None:
+    clock = Clock()
+    first, second = Database(tmp_path / "fleet.db"), Database(tmp_path / "fleet.db")
+    try:
+        a, b = Registry(first, clock=clock), Registry(second, clock=clock)
+        send(a, "gw-a", reported({"site": "s1"}), Channel.REPORTED)
+        a.flush()
+        b.refresh()
+        clock.advance(1)
+        a.set_labels("gw-a", {"ring": "canary"})
+        clock.advance(1)
+        send(b, "gw-a", reported({"site": "s2"}), Channel.REPORTED)  # b's newer telemetry ...
+        b.flush()  # ... written over the row must not undo a's labels
+        b.refresh()
+        a.refresh()
+        for registry in (a, b):
+            view = registry.node_view("gw-a")
+            assert (view.operator_labels, view.reported_labels) == ({"ring": "canary"}, {"site": "s2"})
+    finally:
+        first.close()
+        second.close()
 
 
 # --- health history ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import certs
+from fleet.controller import rollouts
 from fleet.controller.facade import (
     BadRequest,
     Conflict,
@@ -96,8 +97,11 @@ class FakeDesired:
         self.published: list[tuple[str, ReleaseRef | None]] = []
         self.fail_after_publish: set[str] = set()  # "crash" right after this node's publish
         self.fail_before_publish: set[str] = set()  # "crash" before this node's publish
+        self.broken: set[str] = set()  # every publish to this node fails (a poisoned generation)
 
     def publish_release(self, node: str, release: ReleaseRef | None) -> int:
+        if node in self.broken:
+            raise ValueError(f"generation of {node}: 9223372036854775808 is above 9223372036854775807")
         if node in self.fail_before_publish:
             self.fail_before_publish.discard(node)
             raise RuntimeError(f"simulated crash before publishing to {node}")
@@ -119,6 +123,7 @@ class FakeCommands:
     def __init__(self) -> None:
         self.sent: list[tuple[str, str, dict[str, Any] | None, str | None]] = []
         self.fail: set[str] = set()  # "crash" before sending to this node
+        self.broken: set[str] = set()  # every send to this node fails
 
     def send(
         self,
@@ -131,6 +136,8 @@ class FakeCommands:
         if node in self.fail:
             self.fail.discard(node)
             raise RuntimeError(f"simulated crash before sending to {node}")
+        if node in self.broken:
+            raise RuntimeError(f"cannot send to {node}")
         self.sent.append((node, action, args, rollout_id))
         return len(self.sent)
 
@@ -165,9 +172,13 @@ class Sim:
         self.db = Database(self.db_path)
         self.engine = self.new_engine()
 
-    def add_nodes(self, count: int, version: str | None = "1.0.0", **labels: str) -> list[str]:
+    def add_nodes(
+        self, count: int, version: str | None = "1.0.0", operator: dict[str, str] | None = None, **labels: str
+    ) -> list[str]:
+        """``labels`` as the nodes report them, ``operator`` as an operator set them on the controller."""
         start = len(self.fleet.views)
         ids = [f"gw-{start + index:03d}" for index in range(count)]
+        reported = {"site": "plant-3", **labels}
         for node in ids:
             self.fleet.views[node] = NodeView(
                 id=node,
@@ -175,7 +186,9 @@ class Sim:
                 version=version,
                 update_state="healthy",
                 healthy=True,
-                labels={"site": "plant-3", **labels},
+                labels=reported | (operator or {}),
+                operator_labels=dict(operator or {}),
+                reported_labels=reported,
                 last_seen=self.clock.now,
                 health_ts=self.clock.now,
                 reported_ts=self.clock.now,
@@ -285,12 +298,28 @@ def test_good_rollout_runs_three_waves_with_soak(sim: Sim) -> None:
 
 def test_canary_nodes_go_first_and_the_order_is_stored(sim: Sim) -> None:
     sim.add_nodes(8)
-    canaries = sim.add_nodes(2, ring="canary")
+    canaries = sim.add_nodes(2, operator={"ring": "canary"})
     view = sim.engine.start(request())
     assert wave_nodes(view, sim, 0)[0] in canaries
     assert set(canaries) <= set(wave_nodes(view, sim, 0) + wave_nodes(view, sim, 1))
     positions = sim.db.query("SELECT node FROM rollout_nodes WHERE rollout_id = ? ORDER BY position", (view.id,))
     assert {node for (node,) in positions[:2]} == set(canaries)
+
+
+def test_a_node_reporting_ring_canary_itself_does_not_go_first(sim: Sim) -> None:
+    """Only an operator puts a node in the canary ring: devices claiming it are ordered like any
+    other node (and an operator's label wins over the one the node reports)."""
+    sim.add_nodes(8)
+    claimers = sim.add_nodes(30, ring="canary")
+    (demoted,) = sim.add_nodes(1, ring="canary", operator={"ring": "main"})
+    (canary,) = sim.add_nodes(1, ring="main", operator={"ring": "canary"})
+    view = sim.engine.start(request(waves=["1", "100%"]))
+    assert wave_nodes(view, sim, 0) == [canary]
+    positions = [node for (node,) in sim.db.query(
+        "SELECT node FROM rollout_nodes WHERE rollout_id = ? ORDER BY position", (view.id,))]  # fmt: skip
+    # Pseudo-random among the rest: 30 of 39 claim the ring, they cannot all be right behind the canary.
+    assert set(positions[1:31]) != set(claimers)
+    assert demoted in positions[1:]
 
 
 def test_node_already_on_the_target_succeeds_at_once_without_a_publication(sim: Sim) -> None:
@@ -532,6 +561,116 @@ def test_crash_around_the_publish_publishes_exactly_once(sim: Sim) -> None:
     assert sorted(sim.desired.to("2.0.0")) == nodes  # nodes[0] not asked again, nodes[1] asked now
     assert sim.db.query("SELECT COUNT(*) FROM rollout_nodes WHERE phase = 'updated'") == [(3,)]
     sim.run_until(lambda: sim.view(view.id).state == RolloutState.SUCCEEDED)
+
+
+# ---- per-node isolation -----------------------------------------------------------------------
+
+
+def test_a_node_that_cannot_be_reset_does_not_stop_the_abort_of_the_others(sim: Sim) -> None:
+    """The bug a lying device caused: its baseline publish failing stopped every other node's reset
+    and rollback command on every tick, and the rollout stayed aborting."""
+    nodes = sim.add_nodes(6)
+    view = sim.engine.start(request(waves=["100%"]))
+    sim.run(2)  # every node updated
+    liar = nodes[0] if wave_nodes(view, sim, 0)[0] == nodes[0] else wave_nodes(view, sim, 0)[0]
+    sim.desired.broken.add(liar)
+    aborting = sim.engine.abort(view.id)
+    others = [node for node in nodes if node != liar]
+    baseline = sim.releases.old.digest
+    # At once, in the abort call itself: every other node got its baseline and its rollback command.
+    resets = {node for node, ref in sim.desired.published if ref is not None and ref.digest == baseline}
+    assert resets == set(others)
+    assert {node for node, action, *_ in sim.commands.sent if action == "rollback"} == set(others)
+    assert aborting.state == RolloutState.ABORTING  # the liar is retried on the next ticks
+    for _ in range(3):
+        sim.engine.tick()
+    final = sim.view(view.id)
+    assert final.state == RolloutState.ABORTED
+    assert final.detail == f"aborted by the operator; not restored: {liar}"
+    assert final.nodes[liar] == NodeOutcome.FAILED
+    (reason,) = sim.db.query("SELECT reason FROM rollout_nodes WHERE rollout_id = ? AND node = ?", (view.id, liar))[0]
+    assert reason.startswith("not restored: baseline desired state not published: ValueError")
+    # It still got its rollback command (the agent marks the release left behind), exactly once each.
+    rollbacks = [node for node, action, *_ in sim.commands.sent if action == "rollback"]
+    assert sorted(rollbacks) == sorted(nodes)
+    assert sim.engine.node_errors["reset"] == 3
+    assert sim.engine.metrics() == {'fleet_rollout_node_errors_total{step="reset"}': 3.0}
+    sim.run(5)
+    assert sorted(node for node, action, *_ in sim.commands.sent if action == "rollback") == sorted(nodes)
+
+
+def test_a_node_that_cannot_get_its_rollback_command_is_given_up_and_the_rollout_aborts(sim: Sim) -> None:
+    nodes = sim.add_nodes(4)
+    view = sim.engine.start(request(waves=["100%"]))
+    sim.run(2)
+    sim.commands.broken.add(nodes[1])
+    assert sim.engine.abort(view.id).state == RolloutState.ABORTING
+    sim.engine.tick()
+    sim.engine.tick()
+    final = sim.view(view.id)
+    assert final.state == RolloutState.ABORTED
+    assert final.nodes[nodes[1]] == NodeOutcome.FAILED
+    assert sorted(node for node, *_ in sim.commands.sent) == sorted(set(nodes) - {nodes[1]})
+    phase = sim.db.query("SELECT phase FROM rollout_nodes WHERE rollout_id = ? AND node = ?", (view.id, nodes[1]))
+    assert phase == [("rollback_failed",)]
+    # The baseline desired state reached it anyway: the fake agent goes back and is confirmed.
+    sim.run_until(lambda: sim.outcome(view.id, nodes[1]) == NodeOutcome.ROLLED_BACK, limit=30)
+
+
+def test_a_node_that_cannot_be_judged_fails_alone(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = sim.add_nodes(4)
+    original = rollouts.classify
+
+    def classify(track: rollouts.Track, view: NodeView | None, clock: rollouts.WaveClock) -> rollouts.Track:
+        if track.node == nodes[2]:
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+        return original(track, view, clock)
+
+    monkeypatch.setattr(rollouts, "classify", classify)
+    view = sim.engine.start(request(waves=["100%"], max_failures="2"))
+    sim.run_until(lambda: sim.view(view.id).state != RolloutState.RUNNING)
+    final = sim.view(view.id)
+    assert final.state == RolloutState.SUCCEEDED  # one failure under a threshold of 2
+    assert final.nodes[nodes[2]] == NodeOutcome.FAILED
+    assert all(final.nodes[node] == NodeOutcome.SUCCEEDED for node in nodes if node != nodes[2])
+    assert sim.engine.node_errors["classify"] == 1
+
+
+def test_a_node_that_cannot_be_started_is_failed_and_the_wave_goes_on(
+    sim: Sim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = sim.add_nodes(4)
+    original = RolloutEngine._commit_start
+
+    def commit_start(self: RolloutEngine, tx: Any, rollout: Any, node: str, view: NodeView | None, now: float) -> None:
+        if node == nodes[3]:
+            raise ValueError("bad data")
+        original(self, tx, rollout, node, view, now)
+
+    monkeypatch.setattr(RolloutEngine, "_commit_start", commit_start)
+    view = sim.engine.start(request(waves=["100%"], max_failures="2"))
+    assert sorted(sim.desired.to("2.0.0")) == sorted(set(nodes) - {nodes[3]})
+    sim.run_until(lambda: sim.view(view.id).state != RolloutState.RUNNING)
+    final = sim.view(view.id)
+    assert final.nodes[nodes[3]] == NodeOutcome.FAILED
+    assert final.state == RolloutState.SUCCEEDED
+    assert nodes[3] not in sim.desired.to("2.0.0")
+
+
+def test_a_node_whose_view_cannot_be_read_is_judged_unknown(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = sim.add_nodes(3)
+    view = sim.engine.start(request(waves=["100%"], wave_timeout=20.0, max_failures="2"))
+    sim.fleet.update(nodes[0], labels={}, reported_labels={})  # leaves the selector: read one by one
+
+    def node_view(node_id: str) -> NodeView:
+        raise RuntimeError("corrupt registry row")
+
+    monkeypatch.setattr(sim.fleet, "node_view", node_view)
+    sim.run_until(lambda: sim.view(view.id).state != RolloutState.RUNNING)
+    final = sim.view(view.id)
+    assert final.nodes[nodes[1]] == final.nodes[nodes[2]] == NodeOutcome.SUCCEEDED
+    assert final.nodes[nodes[0]] in (NodeOutcome.FAILED, NodeOutcome.UNREACHABLE)
+    assert sim.engine.node_errors["view"] > 0
 
 
 def test_restart_during_rollback_finishes_it_without_duplicates(sim: Sim) -> None:
