@@ -111,6 +111,10 @@ class Store:
         row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    def get_text(self, key: str) -> str | None:
+        value = self.get(key)
+        return None if value is None else value.decode()
+
     def put(self, key: str, value: bytes) -> None:
         self._db.execute(
             "INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",

@@ -23,7 +23,9 @@ import pytest
 from agent.config import AgentSettings
 from agent.https_source import RangeClient, SourceError, check_url, tls_context
 from agent.store import Download, Store
-from agent.updater import Hooks, Updater
+from agent.update.decode import decode_artifact
+from agent.update.hooks import Hooks
+from agent.updater import Updater
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import ReleaseRef
 from tests.conftest import Pki
@@ -228,12 +230,12 @@ def test_download_resumes_from_the_first_missing_chunk_of_a_partial_file(
     assert ref.artifact_digest is not None
     # As a kill -9 after chunk 3 leaves it: chunks 0-3 on disk and recorded.
     store.start_download(Download(ref.digest, None, ref.artifact_digest, SIZE, 11))
-    part = updater._part_path(ref.digest)
+    part = updater.downloader.part_path(ref.digest)
     part.parent.mkdir(parents=True)
     part.write_bytes(data[: 4 * CHUNK])
     for index in range(4):
         store.chunk_stored(ref.digest, index)
-    assert asyncio.run(updater._download_https(ref)) is True
+    assert asyncio.run(updater.downloader.over_https(ref)) is True
     assert part.read_bytes() == data
     assert [start for _path, start, _end in server.control.ranges] == [index * CHUNK for index in range(4, 11)]
     store.close()
@@ -247,11 +249,11 @@ def test_download_survives_cuts_and_a_wrong_digest_is_refused(
     updater, store = make_updater(tmp_path, pki, recorder)
     server.control.cut_next = 2
     ref = ref_for(server, data, digest="sha256:" + "00" * 32)
-    assert asyncio.run(updater._download_https(ref)) is True
-    assert updater._part_path(ref.digest).read_bytes() == data
+    assert asyncio.run(updater.downloader.over_https(ref)) is True
+    assert updater.downloader.part_path(ref.digest).read_bytes() == data
     assert [kind for kind, _ in recorder.events] == ["download_error", "download_error"]
     with pytest.raises(InvalidMessage, match="does not match its digest"):
-        updater._decode_artifact(ref)
+        decode_artifact(ref, store, updater.releases)
     store.close()
 
 
@@ -262,7 +264,7 @@ def test_repeated_failures_give_up_for_mqtt_with_an_event(
     recorder = Recorder()
     updater, store = make_updater(tmp_path, pki, recorder, max_failures=2)
     server.control.status = 503
-    assert asyncio.run(updater._download_https(ref_for(server, data))) is False
+    assert asyncio.run(updater.downloader.over_https(ref_for(server, data))) is False
     kinds = [kind for kind, _ in recorder.events]
     assert kinds == ["download_error", "download_error", "https_fallback"]
     assert "HTTP 503" in (recorder.events[-1][1] or "")
@@ -276,6 +278,6 @@ def test_plain_http_to_a_remote_host_is_refused_with_an_event(
     recorder = Recorder()
     updater, store = make_updater(tmp_path, pki, recorder)
     ref = ref_for(server, data).model_copy(update={"url": "http://cdn.example.com/app/1.0.0/payload.tar.zst"})
-    assert updater._https_usable(ref) is False
+    assert updater.downloader.https_usable(ref) is False
     assert [kind for kind, _ in recorder.events] == ["https_refused", "https_fallback"]
     store.close()
