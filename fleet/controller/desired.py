@@ -81,8 +81,8 @@ class DesiredPublisher:
         for node, generation in self.db.query(
             "SELECT node, generation FROM desired_observed WHERE generation > ?", (MAX_GENERATION,)
         ):
-            self.rejects.reject(node, "reported.generation", f"{generation} (stored) is above {MAX_GENERATION}",
-                                action="forgotten")  # fmt: skip
+            why = f"{generation} (stored) is above {MAX_GENERATION}"
+            self.rejects.reject(node, "desired.observed_generation", why, action="forgotten")
         self.db.execute("DELETE FROM desired_observed WHERE generation > ?", (MAX_GENERATION,))
 
     # ---- writing ---------------------------------------------------------------------------
@@ -124,8 +124,8 @@ class DesiredPublisher:
             limit = MAX_GENERATION if published is None else min(MAX_GENERATION, published + GENERATION_AHEAD)
             if generation > limit:
                 mine = "none published" if published is None else f"{published} published"
-                self.rejects.reject(node, "reported.generation", f"{generation} is above {limit} ({mine})",
-                                    action="ignored")  # fmt: skip
+                why = f"{generation} is above {limit} ({mine})"
+                self.rejects.reject(node, "desired.observed_generation", why, action="ignored")
                 return False
             self._observed[node] = generation
             with self.db.transaction() as conn:

@@ -125,11 +125,10 @@ def test_a_reported_generation_of_2_63_is_refused_and_the_next_publish_still_wor
     assert publisher.observe_reported("gw-a", 2**63 - 1) is False
     assert publisher.publish_release("gw-a", None) == 2
     assert wire.of("gw-a").generation == 2
-    assert publisher.rejects.counts() == {"reported.generation": 1}
-    (line,) = [r.getMessage() for r in caplog.records if "reported.generation" in r.getMessage()]
-    assert (
-        line == f"device gw-a: reported.generation {2**63 - 1} is above {1 + GENERATION_AHEAD} (1 published) (ignored)"
-    )
+    assert publisher.rejects.counts() == {"desired.observed_generation": 1}
+    (line,) = [r.getMessage() for r in caplog.records if "desired.observed_generation" in r.getMessage()]
+    limit = 1 + GENERATION_AHEAD
+    assert line == f"device gw-a: desired.observed_generation {2**63 - 1} is above {limit} (1 published) (ignored)"
 
 
 def test_a_reported_generation_may_lead_ours_by_a_bounded_amount(publisher: DesiredPublisher) -> None:
@@ -143,14 +142,14 @@ def test_a_reported_generation_may_lead_ours_by_a_bounded_amount(publisher: Desi
     assert publisher.observe_reported("gw-b", MAX_GENERATION + 1) is False
     assert publisher.observe_reported("gw-b", MAX_GENERATION) is True
     assert publisher.publish_config("gw-b", {}) == MAX_GENERATION + 1
-    assert publisher.rejects.count("reported.generation") == 2
+    assert publisher.rejects.count("desired.observed_generation") == 2
 
 
 def test_a_generation_stored_before_the_bounds_is_forgotten(db: Database, wire: Wire) -> None:
     DesiredPublisher(db, wire)  # creates the tables
     db.execute("INSERT INTO desired_observed (node, generation) VALUES ('gw-liar', ?), ('gw-ok', 41)", (2**63 - 1,))
     publisher = DesiredPublisher(db, wire)
-    assert publisher.rejects.counts() == {"reported.generation": 1}
+    assert publisher.rejects.counts() == {"desired.observed_generation": 1}
     assert publisher.publish_config("gw-liar", {}) == 1
     assert publisher.publish_config("gw-ok", {}) == 42
 
