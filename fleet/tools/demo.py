@@ -312,6 +312,12 @@ class ControllerApi:
         response.raise_for_status()
         return RolloutView.model_validate(response.json())
 
+    def label(self, node: str, labels: dict[str, str]) -> None:
+        """Set operator labels: only an operator's ``ring=canary`` makes a node a canary."""
+        response = self.client.patch(f"/nodes/{node}/labels", json=labels)
+        if response.status_code != 200:
+            raise DemoFailed("start", f"labelling {node}: HTTP {response.status_code}: {response.text}")
+
     def start_rollout(self, release: str, timings: Timings) -> RolloutView:
         body = {"release": release, "selector": SELECTOR, "waves": WAVES, "soak": timings.soak,
                 "wave_timeout": timings.wave_timeout, "health_timeout": timings.health_timeout,
@@ -437,13 +443,12 @@ class Demo:
 
     def agent_settings(self, node: str, directory: Path, broker_port: int) -> dict[str, Any]:
         device = self.pki.device(node)
-        labels = SELECTOR | ({"ring": "canary"} if node == self.nodes[0] else {})
         return {
             "node_id": node,
             "server_addr": f"127.0.0.1:{broker_port}",
             "tls": {"ca": str(self.pki.ca_cert), "cert": str(device.cert), "key": str(device.key)},
             "state_dir": str(directory / "state"),
-            "labels": labels,
+            "labels": SELECTOR,
             "heartbeat_interval": "1s",
             "keepalive": "5s",
             "reconnect": {"initial": "100ms", "maximum": "1s", "jitter": "100ms"},
@@ -468,7 +473,10 @@ class Demo:
 
         if not wait_for(online, self.timings.startup, self.timings.poll):
             raise DemoFailed("start", f"not every agent online within {self.timings.startup:.0f}s")
-        self.progress.say(f"{len(self.nodes)} agents online ({self.nodes[0]} is the canary)")
+        self.controller.label(self.nodes[0], {"ring": "canary"})
+        self.progress.say(
+            f"{len(self.nodes)} agents online ({self.nodes[0]} is the canary: operator label ring=canary)"
+        )
 
     @property
     def controller(self) -> ControllerApi:

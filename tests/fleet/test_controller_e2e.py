@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from certs import issue_device
@@ -24,7 +25,7 @@ from tests.controllerproc import ControllerProcess
 from tests.mqtt import Endpoint, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-NODES = ("gw-e1", "gw-e2", "gw-e3")  # gw-e1 is the canary
+NODES = ("gw-e1", "gw-e2", "gw-e3")  # gw-e1 is the canary (an operator label; gw-e3 claims the ring itself)
 HEALTH = ProbeSpec(
     kind="http",
     target="http://127.0.0.1:${APP_PORT}/healthz",
@@ -78,7 +79,7 @@ def fleet(embedded: Endpoint, pki: Pki, tmp_path: Path) -> Iterator[Fleet]:
                 issue_device(pki.paths, node)
             ports[node] = free_port()
             agent = AgentProcess(node, embedded, pki.device(node), tmp_path / node)
-            labels = {"fleet": "e2e"} | ({"ring": "canary"} if node == "gw-e1" else {})
+            labels = {"fleet": "e2e"} | ({"ring": "canary"} if node == "gw-e3" else {})  # ignored for ordering
             agent.write_config(
                 labels=labels,
                 release_public_key=str(pki.paths.release_pub),
@@ -93,6 +94,8 @@ def fleet(embedded: Endpoint, pki: Pki, tmp_path: Path) -> Iterator[Fleet]:
         result = Fleet(controller, agents, ports)
         wait_until(lambda: {n["id"] for n in controller.get("/nodes") if n["status"] == "online"} >= set(NODES),
                    30, "controller sees every agent online")  # fmt: skip
+        labelled = httpx.patch(f"{controller.url}/nodes/gw-e1/labels", json={"ring": "canary"}, timeout=10)
+        assert labelled.status_code == 200, labelled.text
         yield result
     finally:
         for agent in agents.values():
