@@ -44,6 +44,11 @@ def write_files(files: Sequence[PendingFile]) -> None:
         _fsync_directory(directory)
 
 
+def sync_directory(directory: Path) -> None:
+    """fsync a directory, so the renames in it survive a power failure (``PkiError`` naming it if not)."""
+    _fsync_directory(directory)
+
+
 def _stage(pending: PendingFile) -> Path:
     directory = pending.path.parent
     temp = directory / f".{pending.path.name}.{secrets.token_hex(6)}.tmp"

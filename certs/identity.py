@@ -17,6 +17,8 @@ OPERATOR_NAME = "operator"
 SERVER_NAME = "fleet-server"
 # Names of the identities ``init`` creates; nobody else may take them, whatever the role.
 RESERVED_NAMES = frozenset({CONTROLLER_NAME, OPERATOR_NAME, SERVER_NAME})
+ROOT_CA_COMMON_NAME = "fleet CA"
+ISSUING_CA_COMMON_NAME = "fleet device CA"
 
 
 class Role(StrEnum):
@@ -43,6 +45,19 @@ def subject_for(name: str, role: Role) -> x509.Name:
     )
 
 
+def ca_subject(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+        ]
+    )
+
+
+ROOT_CA_SUBJECT = ca_subject(ROOT_CA_COMMON_NAME)
+ISSUING_CA_SUBJECT = ca_subject(ISSUING_CA_COMMON_NAME)
+
+
 def identity_from_der(der: bytes) -> Identity:
     """The identity of a DER certificate (as the broker gets it from the TLS layer).
 
@@ -63,6 +78,11 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
     # Every name is a client id and a topic level, so an odd CN must not get in under any role.
     if not is_valid_node_id(name):
         raise CertificateRejected(f"subject CN {name!r} is not a valid node id (role {role})")
+    # The issuing CA's key lives on the (online) enrollment host and signs devices only; a controller
+    # or operator certificate from it means that key was misused. The TLS layer has verified the
+    # chain, so the issuer name is the CA that really signed this certificate.
+    if cert.issuer == ISSUING_CA_SUBJECT and role is not Role.DEVICE:
+        raise CertificateRejected(f"{role} {name!r} issued by the device-issuing CA, which issues devices only")
     return Identity(name=name, role=role, serial=cert.serial_number)
 
 

@@ -33,6 +33,20 @@ class PkiPaths:
         return self.root / "ca.key"
 
     @property
+    def issuing_cert(self) -> Path:
+        """The device-issuing intermediate CA (absent in a PKI made before it existed)."""
+        return self.root / "issuing.pem"
+
+    @property
+    def issuing_key(self) -> Path:
+        return self.root / "issuing.key"
+
+    @property
+    def crl_lock(self) -> Path:
+        """Serialises read-modify-write of ``crl.pem`` (CLI and controller may revoke at once)."""
+        return self.root / ".crl.lock"
+
+    @property
     def server_cert(self) -> Path:
         return self.root / "server.pem"
 
@@ -67,6 +81,14 @@ class PkiPaths:
     @property
     def crl(self) -> Path:
         return self.root / "crl.pem"
+
+    @property
+    def root_authority(self) -> ClientPaths:
+        return ClientPaths(self.ca_cert, self.ca_key)
+
+    @property
+    def issuing_authority(self) -> ClientPaths:
+        return ClientPaths(self.issuing_cert, self.issuing_key)
 
     @property
     def server(self) -> ClientPaths:

@@ -16,7 +16,15 @@ def load_cert(path: Path) -> x509.Certificate:
 
 
 def load_crl(path: Path) -> x509.CertificateRevocationList:
+    """The first CRL of the file (the root's in crl.pem)."""
     return x509.load_pem_x509_crl(path.read_bytes())
+
+
+def load_crls(path: Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL of a PEM file, in order."""
+    end = b"-----END X509 CRL-----"
+    blocks = [block + end for block in path.read_bytes().split(end) if block.strip()]
+    return [x509.load_pem_x509_crl(block) for block in blocks]
 
 
 def der_of(path: Path) -> bytes:

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import certs
 from certs import PkiError, PkiPaths
-from tests.certs import load_cert, load_crl
+from tests.certs import load_cert, load_crls
 
 
 @pytest.fixture
@@ -30,24 +30,49 @@ def _crl_number(crl: x509.CertificateRevocationList) -> int:
     return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
-def test_initial_crl_is_empty_signed_and_long_lived(pki: PkiPaths) -> None:
-    crl = load_crl(pki.crl)
-    assert list(crl) == []
-    assert _verifies(crl, load_cert(pki.ca_cert))
-    assert crl.issuer == load_cert(pki.ca_cert).subject
-    assert crl.next_update_utc is not None
-    assert crl.next_update_utc - crl.last_update_utc == timedelta(days=3650)
+def test_initial_crls_are_empty_signed_and_long_lived(pki: PkiPaths) -> None:
+    root_crl, issuing_crl = load_crls(pki.crl)  # the root's first
+    for crl, ca in ((root_crl, load_cert(pki.ca_cert)), (issuing_crl, load_cert(pki.issuing_cert))):
+        assert list(crl) == []
+        assert _verifies(crl, ca)
+        assert crl.issuer == ca.subject
+        assert _crl_number(crl) == 1
+        assert crl.next_update_utc is not None
+        assert crl.next_update_utc - crl.last_update_utc == timedelta(days=3650)
     assert certs.load_revoked_serials(pki) == frozenset()
 
 
-def test_revoke_adds_the_serial_and_resigns(pki: PkiPaths) -> None:
+def test_revoking_a_device_resigns_only_the_issuing_crl(pki: PkiPaths) -> None:
+    root_before, _ = pki.crl.read_text().split("-----END X509 CRL-----\n", 1)
+    pki.ca_key.unlink()  # the root key may stay offline: devices need the issuing key only
     serial = certs.revoke(pki, "gw-0001")
     assert serial == load_cert(pki.device("gw-0001").cert).serial_number
-    crl = load_crl(pki.crl)
-    assert [entry.serial_number for entry in crl] == [serial]
-    assert _verifies(crl, load_cert(pki.ca_cert))
-    assert _crl_number(crl) == 2
+    root_crl, issuing_crl = load_crls(pki.crl)
+    assert [entry.serial_number for entry in issuing_crl] == [serial]
+    assert _verifies(issuing_crl, load_cert(pki.issuing_cert))
+    assert _crl_number(issuing_crl) == 2
+    assert pki.crl.read_text().startswith(root_before)  # the root's CRL, byte for byte
+    assert list(root_crl) == []
+    assert _crl_number(root_crl) == 1
     assert certs.load_revoked_serials(pki) == {serial}
+
+
+def test_revoking_a_controller_resigns_only_the_root_crl(pki: PkiPaths) -> None:
+    certs.issue_controller(pki, "ctl-2")
+    serial = certs.revoke(pki, "ctl-2")
+    root_crl, issuing_crl = load_crls(pki.crl)
+    assert [entry.serial_number for entry in root_crl] == [serial]
+    assert _crl_number(root_crl) == 2
+    assert (list(issuing_crl), _crl_number(issuing_crl)) == ([], 1)
+
+
+def test_crl_numbers_only_grow(pki: PkiPaths) -> None:
+    numbers = []
+    for name in ("a", "b", "c"):
+        certs.issue_device(pki, name)
+        certs.revoke(pki, name)
+        numbers.append(certs.load_revocations(pki).numbers[certs.Issuer.ISSUING])
+    assert numbers == [2, 3, 4]
 
 
 def test_revoking_twice_changes_nothing(pki: PkiPaths) -> None:
@@ -59,10 +84,11 @@ def test_revoking_twice_changes_nothing(pki: PkiPaths) -> None:
 
 def test_revocations_accumulate_and_keep_their_dates(pki: PkiPaths) -> None:
     first = certs.revoke(pki, "gw-0001")
-    first_date = load_crl(pki.crl).get_revoked_certificate_by_serial_number(first)
+    first_date = load_crls(pki.crl)[1].get_revoked_certificate_by_serial_number(first)
     assert first_date is not None
-    second = certs.revoke(pki, "operator")
-    crl = load_crl(pki.crl)
+    certs.issue_device(pki, "gw-0002")
+    second = certs.revoke(pki, "gw-0002")
+    crl = load_crls(pki.crl)[1]
     assert {entry.serial_number for entry in crl} == {first, second}
     kept = crl.get_revoked_certificate_by_serial_number(first)
     assert kept is not None

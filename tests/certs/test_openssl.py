@@ -17,8 +17,11 @@ pytestmark = pytest.mark.skipif(OPENSSL is None, reason="no openssl binary")
 
 
 def _verify(pki: PkiPaths, cert: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    # `openssl verify` checks the first certificate of the file; -untrusted hands it the rest (the chain
+    # a TLS client sends). Only ca.pem is trusted.
     assert OPENSSL is not None
-    command = [OPENSSL, "verify", "-CAfile", str(pki.ca_cert), "-crl_check", "-CRLfile", str(pki.crl), *extra]
+    command = [OPENSSL, "verify", "-CAfile", str(pki.ca_cert), "-untrusted", str(cert), "-crl_check"]
+    command += ["-CRLfile", str(pki.crl), *extra]
     return subprocess.run([*command, str(cert)], capture_output=True, text=True, check=False)
 
 

@@ -40,8 +40,16 @@ def _ext(cert: x509.Certificate, kind: type[E]) -> E:
 
 
 def test_init_writes_every_file_with_private_keys_owner_only(pki: PkiPaths) -> None:
-    private = [pki.ca_key, pki.server_key, pki.controller_key, pki.operator_key, pki.release_key]
-    public = [pki.ca_cert, pki.server_cert, pki.controller_cert, pki.operator_cert, pki.release_pub, pki.crl]
+    private = [pki.ca_key, pki.issuing_key, pki.server_key, pki.controller_key, pki.operator_key, pki.release_key]
+    public = [
+        pki.ca_cert,
+        pki.issuing_cert,
+        pki.server_cert,
+        pki.controller_cert,
+        pki.operator_cert,
+        pki.release_pub,
+        pki.crl,
+    ]
     assert {path.name for path in pki.root.iterdir()} == {path.name for path in private + public}
     for path in private:
         assert _mode(path) == 0o600, path
@@ -51,11 +59,12 @@ def test_init_writes_every_file_with_private_keys_owner_only(pki: PkiPaths) -> N
         assert not _mode(path) & 0o022, path
 
 
-def test_ca_is_a_constrained_signing_only_ca(pki: PkiPaths) -> None:
-    ca = load_cert(pki.ca_cert)
+@pytest.mark.parametrize(("attr", "path_length"), [("ca_cert", 1), ("issuing_cert", 0)])
+def test_cas_are_constrained_signing_only_cas(pki: PkiPaths, attr: str, path_length: int) -> None:
+    ca = load_cert(getattr(pki, attr))
     constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints)
     assert constraints.critical
-    assert constraints.value == x509.BasicConstraints(ca=True, path_length=0)
+    assert constraints.value == x509.BasicConstraints(ca=True, path_length=path_length)
     usage = _ext(ca, x509.KeyUsage)
     assert usage.key_cert_sign
     assert usage.crl_sign
@@ -157,7 +166,7 @@ def test_issue_writes_identity_with_role(pki: PkiPaths, issue: Issue, role: Role
     assert _mode(paths.key) == 0o600
     cert = load_cert(paths.cert)
     assert certs.identity_from_cert(cert) == certs.Identity("gw-0001", role, cert.serial_number)
-    cert.verify_directly_issued_by(load_cert(pki.ca_cert))
+    cert.verify_directly_issued_by(load_cert(pki.issuing_cert if role is Role.DEVICE else pki.ca_cert))
     assert list(_ext(cert, x509.ExtendedKeyUsage)) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
@@ -241,13 +250,24 @@ def test_missing_pki_says_to_run_init(tmp_path: Path) -> None:
     assert not pki.root.exists()
 
 
-def test_mismatched_ca_key_is_refused_naming_the_file(pki: PkiPaths, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("key", "cert", "issue"),
+    [
+        ("ca_key", "ca_cert", certs.issue_operator),
+        ("issuing_key", "issuing_cert", certs.issue_device),
+    ],
+)
+def test_mismatched_ca_key_is_refused_naming_the_file(
+    pki: PkiPaths, tmp_path: Path, key: str, cert: str, issue: Issue
+) -> None:
     other = certs.init_pki(tmp_path / "other")
-    pki.ca_key.write_bytes(other.ca_key.read_bytes())
+    key_path: Path = getattr(pki, key)
+    key_path.write_bytes(getattr(other, key).read_bytes())
     with pytest.raises(PkiError) as info:
-        certs.issue_device(pki, "gw")
-    assert str(info.value) == f"{pki.ca_key}: does not match the certificate in {pki.ca_cert}"
+        issue(pki, "gw")
+    assert str(info.value) == f"{key_path}: does not match the certificate in {getattr(pki, cert)}"
     assert not (pki.root / "devices").exists()
+    assert not (pki.root / "operators").exists()
 
 
 @pytest.mark.parametrize(("attr", "content"), [("ca_cert", b"garbage"), ("ca_key", b"garbage")])
