@@ -81,6 +81,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "send",
         "Send a command to a node; with --wait, follow its ack trail (exit 1 if it fails or times out).",
     ),
+    "label": (
+        "ops_cmd",
+        "label",
+        "Set or remove a node's operator labels (KEY=VALUE, KEY-); they win over the labels it reports.",
+    ),
     "rollout": ("ops_cmd", "rollout_app", "Staged, health-gated rollouts."),
     "watch": (
         "watch_cmd",

@@ -34,7 +34,6 @@ from fleet.controller.facade import (
     CommandView,
     Conflict,
     ControllerFacade,
-    LabelEditor,
     NodeDetail,
     NodeView,
     NotFound,
@@ -49,10 +48,6 @@ log = logging.getLogger(__name__)
 ERROR_METRIC = "fleet_api_errors_total"
 
 
-class NotSupported(FleetError):
-    """The controller behind this API does not offer the operation (HTTP 501)."""
-
-
 # Most specific first: the facade's own errors, then the generic ones a controller may let through.
 _STATUS_BY_ERROR: tuple[tuple[type[FleetError], int], ...] = (
     (NotFound, 404),
@@ -61,7 +56,6 @@ _STATUS_BY_ERROR: tuple[tuple[type[FleetError], int], ...] = (
     (InvalidMessage, 400),
     (Rejected, 400),
     (TransportError, 503),  # the broker is away: the request may succeed later
-    (NotSupported, 501),
 )
 
 _METRIC_KEY = re.compile(r"(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})?")
@@ -237,7 +231,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "unknown node, command, rollout or release"},
     409: {"model": ErrorBody, "description": "conflicts with current state"},
     422: {"model": ErrorBody, "description": "request does not match the schema"},
-    501: {"model": ErrorBody, "description": "this controller does not offer the operation"},
 }
 
 
@@ -282,25 +275,20 @@ def _add_node_routes(app: FastAPI, controller: ControllerFacade) -> None:
         """One node: reported state, health history, recent commands and their acks."""
         return controller.node(node_id)
 
-    def label_editor() -> LabelEditor:
-        if not isinstance(controller, LabelEditor):
-            raise NotSupported("this controller keeps no operator labels")
-        return controller
-
-    @app.put("/nodes/{node_id}/labels", tags=["nodes"], responses=_errors(400, 404, 501))
+    @app.put("/nodes/{node_id}/labels", tags=["nodes"], responses=_errors(400, 404))
     def put_labels(node_id: str, labels: Annotated[dict[str, str], Body()]) -> NodeView:
         """Replace the node's operator labels with ``labels`` (``{}`` removes them all).
 
         Operator labels are kept by the controller, never sent by the node, and win over the labels
         the node reports: selectors match both, the canary ring (``ring=canary``) is operator-only.
         """
-        return label_editor().set_labels(node_id, dict(labels), replace_all=True)
+        return controller.set_labels(node_id, dict(labels), replace_all=True)
 
-    @app.patch("/nodes/{node_id}/labels", tags=["nodes"], responses=_errors(400, 404, 501))
+    @app.patch("/nodes/{node_id}/labels", tags=["nodes"], responses=_errors(400, 404))
     def patch_labels(node_id: str, changes: Annotated[dict[str, str | None], Body()]) -> NodeView:
         """Change some operator labels (a JSON merge patch): ``{"ring": "canary", "site": null}``
         sets ``ring`` and removes ``site``; labels not named stay as they are."""
-        return label_editor().set_labels(node_id, changes)
+        return controller.set_labels(node_id, changes)
 
     @app.post("/nodes/{node_id}/commands", status_code=201, tags=["commands"], responses=_errors(400, 404))
     def send_command(node_id: str, request: Annotated[CommandRequest, Body()]) -> CommandView:

@@ -7,7 +7,7 @@ implementation and the controller's internals can change without touching the AP
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -156,18 +156,13 @@ class ControllerFacade(Protocol):
 
     def abort_rollout(self, rollout_id: str) -> RolloutView: ...
 
+    def set_labels(self, node_id: str, labels: dict[str, str | None], *, replace_all: bool = False) -> NodeView:
+        """Operator labels (``PUT``/``PATCH /nodes/{id}/labels``, ``fleet label``): ``labels`` maps a
+        key to its new value, or to None to remove it; ``replace_all`` makes the given labels the
+        node's whole set. NotFound; BadRequest for a malformed label."""
+        ...
+
     def metrics(self) -> dict[str, float]: ...  # flat name -> value, rendered by the API as Prometheus text
-
-
-@runtime_checkable
-class LabelEditor(Protocol):
-    """Operator labels on the controller (``PUT``/``PATCH /nodes/{id}/labels``, ``fleet label``).
-
-    ``labels`` maps a key to its new value, or to None to remove it; ``replace_all`` makes the given
-    labels the node's whole set. Returns the node's view; NotFound, BadRequest for a malformed label.
-    """
-
-    def set_labels(self, node_id: str, labels: dict[str, str | None], *, replace_all: bool = False) -> NodeView: ...
 
 
 def parse_label_changes(items: list[str]) -> dict[str, str | None]:

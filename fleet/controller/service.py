@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from fleet.controller.bounds import reject_metrics
 from fleet.controller.commands import CommandTracker
 from fleet.controller.desired import DesiredPublisher
 from fleet.controller.facade import (
@@ -213,6 +214,9 @@ class Controller:
     def nodes(self, selector: dict[str, str] | None = None) -> list[NodeView]:
         return self.registry.nodes(selector)
 
+    def set_labels(self, node_id: str, labels: dict[str, str | None], *, replace_all: bool = False) -> NodeView:
+        return self.registry.set_labels(node_id, labels, replace_all=replace_all)
+
     def node(self, node_id: str) -> NodeDetail:
         view = self.registry.node_view(node_id)
         return NodeDetail(
@@ -264,4 +268,6 @@ class Controller:
         values["fleet_artifact_requests_dropped_total"] = float(stats.dropped)
         values["fleet_controller_tick_errors_total"] = float(self.tick_errors)
         values["fleet_controller_leader"] = 1.0 if self.leader else 0.0
+        values |= reject_metrics(self.registry.rejects, self.desired.rejects, self.commands.rejects)
+        values |= self.rollouts_engine.metrics()
         return values

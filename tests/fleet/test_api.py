@@ -274,15 +274,6 @@ def test_operator_label_errors(client: TestClient, method: str, path: str, body:
     assert response.json()["error"].startswith(error)
 
 
-def test_operator_labels_are_501_on_a_controller_without_them() -> None:
-    class NoLabels(MemoryController):
-        set_labels = None  # type: ignore[assignment]
-
-    with TestClient(create_app(NoLabels())) as plain:
-        response = plain.patch("/nodes/gw-0001/labels", json={"ring": "canary"})
-        assert (response.status_code, response.json()) == (501, {"error": "this controller keeps no operator labels"})
-
-
 def test_nodes_malformed_selector_is_400(client: TestClient) -> None:
     response = client.get("/nodes", params={"selector": "ring"})
     assert response.status_code == 400
