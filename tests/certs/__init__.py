@@ -10,6 +10,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+import certs
+from certs import PkiPaths
+from certs.crl import build_crl
+
 
 def load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
@@ -52,3 +56,32 @@ def self_signed_der(attributes: list[tuple[x509.ObjectIdentifier, str]]) -> byte
 CN = NameOID.COMMON_NAME
 OU = NameOID.ORGANIZATIONAL_UNIT_NAME
 O = NameOID.ORGANIZATION_NAME  # noqa: E741
+
+
+def make_legacy_pki(root: Path) -> PkiPaths:
+    """A PKI as ``fleet certs init`` made it before the issuing CA: root with path length 0, no
+    issuing.pem/.key, crl.pem with the root's CRL only (number 1)."""
+    pki = certs.init_pki(root)
+    pki.issuing_cert.unlink()
+    pki.issuing_key.unlink()
+    key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    current = load_cert(pki.ca_cert)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(current.subject)
+        .issuer_name(current.issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(current.not_valid_before_utc)
+        .not_valid_after(current.not_valid_after_utc)
+    )
+    for extension in current.extensions:
+        value = extension.value
+        if isinstance(value, x509.BasicConstraints):
+            value = x509.BasicConstraints(ca=True, path_length=0)
+        builder = builder.add_extension(value, critical=extension.critical)
+    legacy = builder.sign(key, hashes.SHA256())
+    pki.ca_cert.write_bytes(legacy.public_bytes(serialization.Encoding.PEM))
+    pki.crl.write_bytes(build_crl(legacy, key, {}, number=1, now=datetime.now(UTC).replace(microsecond=0)))
+    return pki
