@@ -63,7 +63,9 @@ class Options:
     host: str
     port: int
     keepalive: float = 60.0
-    tls: ssl.SSLContext | None = None
+    tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None = None
+    """A context, or a function building one: called in the connect executor before the first
+    connect (loading a certificate and key takes milliseconds the event loop should not spend)."""
     will: Will | None = None
     clean_session: bool = False
     manual_ack: bool = False
@@ -128,6 +130,7 @@ class MqttClient:
         """The current connection's id (the last one's while not connected; 0: never connected)."""
         self.state = State.IDLE
         self._paho = self._new_paho()
+        self._tls_factory = None if isinstance(options.tls, ssl.SSLContext) else options.tls
         self._sock: Any = None  # the socket attached to the loop
         self._job: asyncio.Future[MQTTErrorCode] | None = None  # a reconnect() running in an executor
         self._connack: asyncio.Future[int] | None = None
@@ -148,7 +151,7 @@ class MqttClient:
         )
         client.connect_timeout = options.connect_timeout
         client.max_inflight_messages_set(options.max_inflight)
-        if options.tls is not None:
+        if isinstance(options.tls, ssl.SSLContext):
             client.tls_set_context(options.tls)
         if options.will is not None:
             will = options.will
@@ -186,7 +189,7 @@ class MqttClient:
             self._paho._sock_close()  # still attached: unregisters it from the loop
         self._detach()
         self.state = State.DIALING
-        job = self._loop.run_in_executor(executor, self._paho.reconnect)
+        job = self._loop.run_in_executor(executor, self._open)
         self._job = job
         try:
             done, _ = await asyncio.wait({job}, timeout=self.options.connect_timeout + 1)
@@ -217,6 +220,13 @@ class MqttClient:
         wait = self.options.connack_timeout or self.options.connect_timeout
         self._connack_timer = self._loop.call_later(wait, self._connack_timed_out)
         return connack
+
+    def _open(self) -> MQTTErrorCode:
+        """In the executor: the TLS context on first use, then TCP, TLS and CONNECT."""
+        if self._tls_factory is not None:
+            self._paho.tls_set_context(self._tls_factory())
+            self._tls_factory = None
+        return self._paho.reconnect()
 
     async def connect(self, executor: Executor | None = None) -> int:
         """:meth:`dial` and wait for the CONNACK; the new connection id."""

@@ -10,6 +10,7 @@ the agent first makes a command durable, then lets the broker forget it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -98,7 +99,8 @@ class Transport:
         settings = self.settings
         tls = None
         if settings.tls_enabled and settings.tls is not None:
-            tls = tls_context(settings.tls.ca, settings.tls.cert, settings.tls.key)  # read again: certs rotate
+            # Read on every attempt (certificates rotate), in the connect executor.
+            tls = functools.partial(tls_context, settings.tls.ca, settings.tls.cert, settings.tls.key)
         return Options(
             client_id=settings.node_id,
             host=settings.host,
