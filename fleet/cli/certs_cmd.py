@@ -42,7 +42,7 @@ def init(
     days: Annotated[
         int | None,
         typer.Option(
-            "--days", min=1, help=f"Validity of the root CA and the server in days [default: {certs.DEFAULT_DAYS}]."
+            "--days", min=1, help=f"Validity of the root CA and the server in days (default {certs.DEFAULT_DAYS})."
         ),
     ] = None,
 ) -> None:
@@ -120,8 +120,8 @@ def renew_cmd(
             "--days",
             min=1,
             help=(
-                f"Validity in days [default: device {certs.DEVICE_DAYS}, controller {certs.CONTROLLER_DAYS}, "
-                f"operator {certs.OPERATOR_DAYS}, server {certs.DEFAULT_DAYS}]."
+                f"Validity in days (default: device {certs.DEVICE_DAYS}, controller {certs.CONTROLLER_DAYS}, "
+                f"operator {certs.OPERATOR_DAYS}, server {certs.DEFAULT_DAYS})."
             ),
         ),
     ] = None,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from typer.testing import CliRunner, Result
 
+import certs
 from fleet.cli import certs_cmd
-from tests.certs import load_cert
+from tests.certs import load_cert, make_legacy_pki
 
 
 def _run(*args: str | Path) -> Result:
@@ -118,3 +120,60 @@ def test_ls_table_names_every_identity(root: Path) -> None:
     assert result.exit_code == 0
     for name in ("fleet-server", "fleet-controller", "operator", "gw-0001", "device", "revoked"):
         assert name in result.stdout
+
+
+def test_device_defaults_to_90_days_and_days_overrides(root: Path) -> None:
+    for name, extra, days in (("gw-1", (), certs.DEVICE_DAYS), ("gw-2", ("--days", "7"), 7)):
+        assert _run("device", root, name, *extra).exit_code == 0
+        cert = load_cert(root / "devices" / name / "cert.pem")
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert timedelta(days=days) <= lifetime <= timedelta(days=days, minutes=6)
+
+
+def test_renew_reports_the_new_certificate(root: Path) -> None:
+    assert _run("device", root, "gw-0001").exit_code == 0
+    old = load_cert(root / "devices" / "gw-0001" / "cert.pem").serial_number
+    result = _run("renew", root, "gw-0001", "--days", "30")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [
+        f"wrote {root / 'devices' / 'gw-0001' / 'cert.pem'}",
+        f"wrote {root / 'devices' / 'gw-0001' / 'key.pem'}",
+    ]
+    new = load_cert(root / "devices" / "gw-0001" / "cert.pem").serial_number
+    assert new != old
+    assert re.fullmatch(
+        r"renewed gw-0001 \(device, serial [0-9A-F]+, issued by the issuing CA, valid until \S+\)", lines[2]
+    )
+    assert int(re.findall(r"serial ([0-9A-F]+)", lines[2])[0], 16) == new
+
+
+def test_renew_unknown_is_a_one_line_error(root: Path) -> None:
+    _assert_one_line_error(_run("renew", root, "bob"), "no identity named 'bob'")
+
+
+def test_ls_shows_the_issuer(root: Path) -> None:
+    assert _run("device", root, "gw-0001").exit_code == 0
+    listed = {entry["name"]: entry["issuer"] for entry in json.loads(_run("ls", root, "-o", "json").stdout)}
+    assert listed == {"fleet-server": "root", "fleet-controller": "root", "operator": "root", "gw-0001": "issuing"}
+    table = _run("ls", root).stdout
+    assert "issuing" in table
+    assert "root" in table
+
+
+def test_init_on_a_pki_without_issuing_ca_adds_it_and_says_so(tmp_path: Path) -> None:
+    pki = make_legacy_pki(tmp_path / "pki")
+    result = _run("init", pki.root)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"{pki.ca_cert}: the PKI exists; adding what it lacks" in out
+    assert f"re-signed {pki.ca_cert}: same key, name and validity, path length 0 -> 1" in out
+    assert "restart every broker" in out
+    for path in (pki.issuing_cert, pki.issuing_key, pki.crl):
+        assert f"wrote {path}" in out
+    assert f"added the issuing CA {pki.issuing_cert}" in out
+    _assert_one_line_error(_run("init", pki.root), "ca.pem: already exists, with its issuing CA", "--force")
+
+
+def test_init_with_options_on_an_existing_pki_is_a_one_line_error(root: Path) -> None:
+    _assert_one_line_error(_run("init", root, "--san", "x.example"), "--san and --days apply to a new PKI")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import certs
 from certs import PkiError, PkiPaths
+from certs.crl import ensure_not_older
 from tests.certs import load_cert, load_crls
 
 
@@ -143,3 +145,54 @@ def test_certificate_of_a_replaced_ca_cannot_be_revoked(pki: PkiPaths) -> None:
     certs.init_pki(pki.root, force=True)
     with pytest.raises(PkiError, match=r"devices/gw-0001/cert.pem: not issued by this CA"):
         certs.revoke(pki, "gw-0001")
+
+
+def test_ensure_not_older_refuses_a_lower_number(pki: PkiPaths) -> None:
+    issuing_crl = load_crls(pki.crl)[1]
+    assert ensure_not_older(0, issuing_crl) == 1
+    assert ensure_not_older(1, issuing_crl) == 1  # the same CRL read again
+    with pytest.raises(PkiError, match=r"^CRL of O=fleet,CN=fleet device CA has number 1, lower than 2 already seen"):
+        ensure_not_older(2, issuing_crl)
+
+
+def test_load_revocations_refuses_a_crl_put_back(pki: PkiPaths) -> None:
+    old = pki.crl.read_bytes()
+    seen = certs.load_revocations(pki)
+    certs.revoke(pki, "gw-0001")
+    newer = certs.load_revocations(pki, not_older_than=seen)
+    assert newer.numbers == {certs.Issuer.ROOT: 1, certs.Issuer.ISSUING: 2}
+    pki.crl.write_bytes(old)  # a restored backup: gw-0001 would be let in again
+    with pytest.raises(
+        PkiError, match=rf"^{re.escape(str(pki.crl))}: CRL of O=fleet,CN=fleet device CA.* lower than 2"
+    ):
+        certs.load_revocations(pki, not_older_than=newer)
+    assert certs.load_revocations(pki).serials == frozenset()  # without a memory, it cannot tell
+
+
+def test_a_second_crl_of_one_ca_is_refused(pki: PkiPaths) -> None:
+    pki.crl.write_bytes(pki.crl.read_bytes() * 2)
+    with pytest.raises(PkiError, match="two CRLs of O=fleet,CN=fleet CA"):
+        certs.load_revoked_serials(pki)
+
+
+def test_concurrent_revocations_are_all_kept(pki: PkiPaths) -> None:
+    names = [f"gw-c{i}" for i in range(8)]
+    for name in names:
+        certs.issue_device(pki, name)
+    errors: list[BaseException] = []
+
+    def revoke(name: str) -> None:
+        try:
+            certs.revoke(pki, name)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=revoke, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    expected = {load_cert(pki.device(name).cert).serial_number for name in names}
+    assert certs.load_revoked_serials(pki) == expected
+    assert certs.load_revocations(pki).numbers[certs.Issuer.ISSUING] == 1 + len(names)

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 import certs
-from certs import CertificateRejected, Identity, PkiPaths, Role
+from certs import CertificateRejected, Identity, PkiPaths, Role, identity_from_der
 from fleet.protocol.errors import FleetError
 from tests.certs import CN, OU, O, der_of, load_cert, self_signed_der
 
@@ -73,3 +78,33 @@ def test_garbage_is_rejected_not_crashing() -> None:
 def test_rejection_is_a_fleet_error() -> None:
     assert issubclass(CertificateRejected, FleetError)
     assert issubclass(certs.PkiError, FleetError)
+
+
+def test_issuing_ca_certificates_may_only_be_devices(tmp_path: Path) -> None:
+    # What a stolen issuing key could mint: a controller. The embedded broker must not take it.
+    pki = certs.init_pki(tmp_path / "pki")
+    issuing_key = serialization.load_pem_private_key(pki.issuing_key.read_bytes(), password=None)
+    assert isinstance(issuing_key, ec.EllipticCurvePrivateKey)
+    issuing = load_cert(pki.issuing_cert)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [x509.NameAttribute(CN, "ctl-9"), x509.NameAttribute(OU, "controller"), x509.NameAttribute(O, "fleet")]
+            )
+        )
+        .issuer_name(issuing.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(issuing_key, hashes.SHA256())
+    )
+    with pytest.raises(
+        CertificateRejected, match="controller 'ctl-9' issued by the device-issuing CA, which issues devices only"
+    ):
+        identity_from_der(forged.public_bytes(serialization.Encoding.DER))
+    device = load_cert(certs.issue_device(pki, "gw-1").cert)
+    assert identity_from_der(device.public_bytes(serialization.Encoding.DER)).role is Role.DEVICE
