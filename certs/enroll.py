@@ -72,15 +72,13 @@ def issue_from_csr(
         validate_node_id(node_id)
     except InvalidNodeId as exc:
         raise RequestRefused(Refusal.WRONG_NAME, f"device name {exc.reason}") from exc
-    csr = _checked_csr(csr_pem, node_id)
+    _, public_key = _checked_csr(csr_pem, node_id)
     try:
         ensure_name_available(pki, node_id, Role.DEVICE)
     except PkiError as exc:
         raise RequestRefused(Refusal.WRONG_NAME, str(exc)) from exc
     issuer = device_authority(pki)
     validity = leaf_validity(issuer.cert, days, now=as_utc(now) if now is not None else now_utc())
-    public_key = csr.public_key()
-    assert isinstance(public_key, ec.EllipticCurvePublicKey)  # _checked_csr made sure
     cert = build_leaf(issuer, subject_for(node_id, Role.DEVICE), public_key, Role.DEVICE, validity)
     return cert_pem(cert) + issuer.chain_pem
 
@@ -135,7 +133,7 @@ def verify_possession_proof(
             f"old certificate of {identity.name} expired {old.not_valid_after_utc:%Y-%m-%d}, "
             f"more than {grace.days} days ago: enroll it anew",
         )
-    csr = _checked_csr(csr_pem, identity.name)
+    csr, _ = _checked_csr(csr_pem, identity.name)
     old_key = old.public_key()
     if not isinstance(old_key, ec.EllipticCurvePublicKey):
         raise RequestRefused(
@@ -150,7 +148,7 @@ def verify_possession_proof(
     return identity.name
 
 
-def _checked_csr(csr_pem: bytes, node_id: str) -> x509.CertificateSigningRequest:
+def _checked_csr(csr_pem: bytes, node_id: str) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
     try:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as exc:
@@ -172,7 +170,7 @@ def _checked_csr(csr_pem: bytes, node_id: str) -> x509.CertificateSigningRequest
         raise RequestRefused(Refusal.WRONG_NAME, f"CSR subject has {len(names)} CNs, expected one")
     if names and names[0].value != node_id:
         raise RequestRefused(Refusal.WRONG_NAME, f"CSR subject CN {names[0].value!r} is not the node id {node_id!r}")
-    return csr
+    return csr, public_key
 
 
 def _key_name(kind: str) -> str:

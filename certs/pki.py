@@ -38,6 +38,7 @@ from certs.authority import (
     new_root,
     now_utc,
     public_key_pem,
+    read_bytes,
     read_cert,
     read_root_cert,
     recertify_root,
@@ -58,7 +59,7 @@ from certs.identity import (
 )
 from certs.identity_files import recover_identity_files, replace_identity_files
 from certs.paths import CONTROLLERS_DIR, DEVICES_DIR, OPERATORS_DIR, ClientPaths, PkiPaths
-from certs.revocation import fresh_crl_number, load_revoked_serials, revoke_certificate
+from certs.revocation import crl_lock, fresh_crl_number, load_revoked_serials, revoke_certificate
 from fleet.protocol.ids import InvalidNodeId, validate_node_id
 
 DEFAULT_SERVER_SANS = ("localhost", "127.0.0.1", "::1")
@@ -165,6 +166,12 @@ def upgrade_pki(pki: PkiPaths, *, issuing_days: int = ISSUING_DAYS) -> PkiUpgrad
     devices from the issuing CA. Identities on disk are not touched. Re-running after a crash
     completes what is missing; ``PkiError`` when nothing is.
     """
+    read_root_cert(pki)  # a missing PKI says so
+    with crl_lock(pki):
+        return _upgrade(pki, issuing_days)
+
+
+def _upgrade(pki: PkiPaths, issuing_days: int) -> PkiUpgrade:
     root = load_authority(pki, Issuer.ROOT)
     now = now_utc()
     files: list[PendingFile] = []
@@ -358,7 +365,7 @@ def _completed_crl(pki: PkiPaths, root: Authority, issuing: Authority, *, now: d
     """crl.pem with a CRL for both CAs (existing ones kept as they are), or None if it has both."""
     current: dict[x509.Name, x509.CertificateRevocationList] = {}
     if pki.crl.exists():
-        data = pki.crl.read_bytes()
+        data = read_bytes(pki.crl)
         current = parse_verified_crls(data, source=str(pki.crl), cas=[root.cert, issuing.cert])
     if root.cert.subject in current and issuing.cert.subject in current:
         return None, False

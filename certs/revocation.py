@@ -83,7 +83,7 @@ def revoke_certificate(pki: PkiPaths, cert: x509.Certificate, *, source: str | N
         root = ca_certs(pki)[Issuer.ROOT]
         what = source or f"certificate {cert.subject.rfc4514_string()}"
         raise PkiError(f"{what}: not issued by this CA ({root.subject.rfc4514_string()})")
-    with _locked(pki):
+    with crl_lock(pki):
         authority = load_authority(pki, kind)
         current = _read_crls(pki) if pki.crl.exists() else {}  # lost or deleted: rebuild from nothing
         previous = current.get(kind)
@@ -119,7 +119,7 @@ def _read_crls(pki: PkiPaths) -> dict[Issuer, x509.CertificateRevocationList]:
 
 
 @contextlib.contextmanager
-def _locked(pki: PkiPaths) -> Iterator[None]:
+def crl_lock(pki: PkiPaths) -> Iterator[None]:
     """Exclusive lock for a read-modify-write of crl.pem: two revocations at once must not lose one."""
     try:
         fd = os.open(pki.crl_lock, os.O_RDWR | os.O_CREAT, 0o600)
