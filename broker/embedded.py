@@ -81,7 +81,16 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OUTGOING, Session
 
 from broker import policy
-from certs import CertificateRejected, Identity, PkiError, PkiPaths, Role, identity_from_der, load_revoked_serials
+from certs import (
+    CertificateRejected,
+    Identity,
+    PkiError,
+    PkiPaths,
+    Revocations,
+    Role,
+    identity_from_der,
+    load_revocations,
+)
 from fleet.protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -306,6 +315,7 @@ class FleetBroker(Broker):  # type: ignore[misc]
         self._tls: ssl.SSLContext | None = None
         self._live: dict[str, _LiveConnection] = {}
         self._revoked: frozenset[int] = frozenset()
+        self._revocations = Revocations()  # CRL numbers seen: an older crl.pem put back is refused
         self._crl_mtime: float | None = None
         self._crl_task: asyncio.Task[None] | None = None
 
@@ -637,12 +647,13 @@ class FleetBroker(Broker):  # type: ignore[misc]
             return
         if mtime == self._crl_mtime:
             return
+        self._crl_mtime = mtime  # a refused file is said once; writing a new one is the next change
         try:
-            self._revoked = load_revoked_serials(self.settings.pki)
+            self._revocations = load_revocations(self.settings.pki, not_older_than=self._revocations)
         except PkiError as exc:
             log.error("keeping the last good CRL: %s", exc)
             return
-        self._crl_mtime = mtime
+        self._revoked = self._revocations.serials
 
     async def _watch_crl(self) -> None:
         while True:

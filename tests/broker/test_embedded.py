@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from broker.embedded import BrokerSettings, BrokerStartError, Listener, ThreadedBroker, parse_listen, running_broker
-from certs import PkiPaths
+from certs import PkiPaths, init_pki, issue_device, revoke
 from fleet.protocol.errors import ConfigError
 from fleet.protocol.topics import Channel, node_topic
 from tests.conftest import Pki
-from tests.mqtt import Endpoint, MqttClient, connected, wait_until
+from tests.mqtt import Credentials, Endpoint, MqttClient, connected, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,3 +118,38 @@ def test_a_will_that_slips_past_connect_is_still_neither_delivered_nor_retained(
             assert controller.drain(settle=0.3) == []
         assert topic not in broker.retained_messages
         assert broker.stats.will_denied == 0
+
+
+def test_an_older_crl_put_back_does_not_unrevoke(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 11: restoring an old crl.pem (a backup, a careless copy) must not un-revoke anybody:
+    CRL numbers never go backwards, so the broker keeps the newer list and says why."""
+    paths = init_pki(tmp_path / "pki")
+    for node in ("gw-old", "gw-new"):
+        issue_device(paths, node)
+    ca = paths.ca_cert
+    threaded = ThreadedBroker(BrokerSettings(pki=paths, listeners=(Listener("127.0.0.1", 0),), crl_poll_interval=0.1))
+    threaded.start()
+    try:
+        endpoint = Endpoint("amqtt", "127.0.0.1", threaded.ports[0])
+
+        def refused(node: str) -> bool:
+            client = paths.device(node)
+            attempt = MqttClient(endpoint, Credentials(ca, client.cert, client.key))
+            try:
+                return not attempt.try_connect()
+            finally:
+                attempt.close()
+
+        revoke(paths, "gw-old")
+        older = paths.crl.read_bytes()
+        revoke(paths, "gw-new")
+        wait_until(lambda: refused("gw-new"), 10, "gw-new refused once revoked")
+        caplog.set_level(logging.ERROR, logger="broker.embedded")
+        paths.crl.write_bytes(older)
+        os.utime(paths.crl, (time.time() + 5, time.time() + 5))  # a change the poller cannot miss
+        wait_until(lambda: "keeping the last good CRL" in caplog.text, 10, "the older CRL refused")
+        assert "number" in caplog.text
+        assert refused("gw-new"), "an older CRL un-revoked gw-new"
+        assert refused("gw-old")
+    finally:
+        threaded.stop()
