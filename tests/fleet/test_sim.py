@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -240,3 +241,22 @@ def test_failures_and_link_drops(pki: Pki, mosquitto: Endpoint) -> None:
     assert report["disconnects_injected"] >= 3
     assert report["connect_attempts"] > 10
     assert report["downloads_completed"] == 1
+
+
+def test_a_failing_loop_ends_the_simulation_with_its_error(
+    pki: Pki, mosquitto: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The simulator's loops run in a TaskGroup: a bug in one surfaces at once, nothing swallowed."""
+
+    async def broken_ticker(self: Simulator) -> None:
+        await asyncio.sleep(0.5)
+        raise RuntimeError("ticker bug")
+
+    monkeypatch.setattr(Simulator, "_ticker", broken_ticker)
+    simulator = Simulator(settings_for(pki, mosquitto, "simx-", 2, duration=60))
+    started = time.monotonic()
+    with pytest.raises(ExceptionGroup) as caught:
+        asyncio.run(simulator.run())
+    assert caught.group_contains(RuntimeError, match="ticker bug")
+    assert time.monotonic() - started < 20
+    assert all(device.client is None or not device.client.socket_open for device in simulator.devices)
