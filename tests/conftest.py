@@ -6,6 +6,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,9 +19,25 @@ from broker.embedded import BrokerSettings, Listener, ThreadedBroker
 from broker.render import default_options, render
 from certs import PkiPaths, init_pki, issue_controller, issue_device, issue_operator, revoke
 from fleet.controller.mqtt import TlsIdentity
+from tests.leaks import leak_report, pending_tasks_at_asyncio_run_exit, started_threads
 from tests.mqtt import Credentials, Endpoint
 
 DEVICES = ("gw-a", "gw-b")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads_or_tasks() -> Iterator[None]:
+    """Fail a test that leaves a thread running after its teardown, or a task pending when an
+    ``asyncio.run`` of its own returned (see tests/leaks.py). Autouse, so it is set up before the
+    test's other function fixtures and torn down after them; threads of session and module
+    fixtures exist before it starts and are not counted."""
+    before = set(threading.enumerate())
+    tasks: list[str] = []
+    with pending_tasks_at_asyncio_run_exit(tasks):
+        yield
+    report = leak_report(started_threads(before), tasks)
+    if report is not None:
+        pytest.fail(report, pytrace=False)
 
 
 @dataclass(frozen=True)
