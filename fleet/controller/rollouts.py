@@ -463,6 +463,9 @@ class RolloutEngine:
                 self._check_conflicts(tx, request.selector, {node.id for node in ordered})
                 self._insert(tx, rollout_id, request, manifest, ordered, ends, baselines)
             log.info("rollout %s of %s started: %d nodes in waves %s", rollout_id, manifest.label, len(ordered), ends)
+            # Deltas from the baselines (the delta_bases the nodes will be sent) are made ahead, in the
+            # store's background worker: the release service never computes one for a request.
+            self.releases.prepare(manifest, [ref.digest for ref in baselines.values() if ref is not None])
             self._drive_safely(rollout_id)
             return self.get(rollout_id)
 
@@ -767,7 +770,9 @@ class RolloutEngine:
             failed = counts[NodeOutcome.FAILED.value]
             finished = failed + counts[NodeOutcome.SUCCEEDED.value]
             if criteria.breached(failed, finished):
-                return f"{failed} of {finished} finished nodes failed in wave {wave} (threshold {criteria.describe()})"
+                # Waves are numbered from 1 wherever people read them (CLI tables, logs, this detail).
+                number, threshold = wave + 1, criteria.describe()
+                return f"{failed} of {finished} finished nodes failed in wave {number} (threshold {threshold})"
         return None
 
     def _maybe_advance(self, rollout: Rollout) -> None:
@@ -804,7 +809,7 @@ class RolloutEngine:
             self._forget_failures(rollout.id)
             log.info("rollout %s succeeded", rollout.id)
             return
-        log.info("rollout %s: wave %d started", rollout.id, rollout.current_wave + 1)
+        log.info("rollout %s: wave %d started", rollout.id, rollout.current_wave + 2)  # numbered from 1
         self._start_wave_nodes(self._load(rollout.id))
 
     @staticmethod

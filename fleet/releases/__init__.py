@@ -21,12 +21,13 @@ from fleet.protocol.artifacts import apply_delta, compress_full, decompress_full
 from fleet.releases.errors import ArtifactMismatch, ReleaseError, ReleaseNotFound
 from fleet.releases.manifest import MAX_CHUNKS, ReleaseManifest, verify_manifest_file
 from fleet.releases.payload import build_payload, chunk_digests
-from fleet.releases.store import DELTA_WORTH_RATIO, ReleaseStore, build_release
+from fleet.releases.store import DELTA_WORTH_RATIO, DeltaStats, ReleaseStore, build_release
 
 __all__ = [
     "DELTA_WORTH_RATIO",
     "MAX_CHUNKS",
     "ArtifactMismatch",
+    "DeltaStats",
     "ReleaseError",
     "ReleaseManifest",
     "ReleaseNotFound",
