@@ -246,7 +246,8 @@ def build_rig(stack: ExitStack, args: argparse.Namespace, workdir: Path) -> tupl
     fleet_mqtt = FleetMqtt(endpoint.host, endpoint.port, TlsIdentity(service_id.ca, service_id.cert, service_id.key))
     fleet_mqtt.start()
     stack.callback(fleet_mqtt.close)
-    service = ReleaseService(fleet_mqtt, ReleaseServer(releases.store))
+    # rate_limit=0: the goodput measured is the transfer's, not the default per-device limit's.
+    service = ReleaseService(fleet_mqtt, ReleaseServer(releases.store), rate_limit=0)
     service.start()
     stack.callback(service.stop)
     observer = stack.enter_context(mqtt_session(endpoint, pki.operator()))

@@ -41,7 +41,10 @@ def serve(
     ] = None,
     max_transfers: Annotated[int, typer.Option("--max-transfers", min=1, help="Requests served at once.")] = 8,
     rate_limit: Annotated[
-        int | None, typer.Option("--rate-limit", min=1, help="Bytes per second per device (default: unlimited).")
+        int | None,
+        typer.Option(
+            "--rate-limit", min=0, help="Bytes per second per device (default: 1 MiB/s; 0: no limit).", metavar="BYTES"
+        ),
     ] = None,
 ) -> None:
     """Serve release artifacts to agents over MQTT (artifact/req -> artifact/chunk)."""

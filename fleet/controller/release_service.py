@@ -2,22 +2,35 @@
 
 Two layers: :class:`ReleaseServer` is the pure logic (request in, chunks out, no MQTT), and
 :class:`ReleaseService` wires it to a :class:`~fleet.controller.mqtt.FleetMqtt` connection with a bounded worker
-pool and an optional per-node rate limit.
+pool and a per-node rate limit.
 
 Flow control is the agent's: it asks for a window of chunks and asks for the next window once it
 has verified them, so a slow link is never flooded by more than one window. The server is
 stateless per device; a request that gets lost (dropped here, lost by the broker) is simply asked
 again by the agent after its timeout.
+
+One device must not be able to starve the others (issue 11), so every request is cheap to take in
+and bounded to serve:
+
+* no delta is ever computed for a request: deltas are made ahead of time
+  (:meth:`~fleet.releases.ReleaseStore.prepare`, called when a rollout starts); a (target, base)
+  pair without a prepared delta is answered with the full artifact, which every agent accepts;
+* a node has at most one request being served and one waiting: a newer request replaces the
+  waiting one (``replaced``), and the waiting nodes are served in arrival order, so a flooding
+  node holds one worker while the others share the rest;
+* a window is at most ``max_window`` chunks (``clamped``), and each node is paced by
+  ``rate_limit`` bytes/s (``DEFAULT_RATE_LIMIT`` unless told otherwise; 0 turns it off);
+* the MQTT thread only reads the node out of the topic: decoding happens in the worker, once per
+  request actually served, so a flood of requests costs the intake a dictionary update each.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -25,12 +38,23 @@ from fleet.controller.mqtt import FleetMqtt
 from fleet.protocol.codec import decode_for_channel, encode
 from fleet.protocol.errors import FleetError, InvalidMessage, TransportError
 from fleet.protocol.messages import ArtifactChunk, ArtifactRequest, digest_hex
-from fleet.protocol.topics import Channel, all_nodes_filter, node_topic
+from fleet.protocol.topics import NODES, Channel, all_nodes_filter, node_topic
 from fleet.releases import ReleaseError, ReleaseManifest, ReleaseStore
 
 log = logging.getLogger(__name__)
 
 MAX_ERROR = 512  # ArtifactChunk.error's limit
+_REQ_PREFIX = f"{NODES}/"
+_REQ_SUFFIX = f"/{Channel.ARTIFACT_REQ.value}"
+MAX_REQUEST_BYTES = 1024
+"""A valid request is well under 300 bytes; anything bigger is refused before it waits in memory."""
+MAX_WINDOW = 32
+"""Chunks sent for one request at most (the protocol allows asking for 256): a 60-byte request must
+not buy megabytes. Agents ask for 8 by default; a larger window is clamped, not refused, so an agent
+configured with more simply gets what it asked for in several requests."""
+DEFAULT_RATE_LIMIT = 1024 * 1024
+"""Artifact bytes per second per node unless the service is told otherwise (``rate_limit=0``: no limit).
+A 10 MiB release takes a device 10 s at this rate; the burst is a second's worth."""
 
 
 def _full_digest(digest: str) -> str:
@@ -93,53 +117,94 @@ class ReleaseServer:
 
     The cache matters because a fleet downloads the same release in hundreds of small windows:
     without it every window would re-read the artifact and re-hash every chunk. Entries are
-    content-addressed (payload digests), so they never go stale.
+    content-addressed (payload digests), so they never go stale. A delta base without a prepared
+    delta shares the full artifact's entry, so asking with ever new bases cannot thrash the cache.
+
+    Never computes a delta: see :meth:`ReleaseStore.prepare`.
     """
 
-    def __init__(self, store: ReleaseStore, *, cache_size: int = 4) -> None:
+    def __init__(self, store: ReleaseStore, *, cache_size: int = 4, max_window: int = MAX_WINDOW) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
+        if max_window < 1:
+            raise ValueError("max_window must be at least 1")
         self.store = store
         self.cache_size = cache_size
+        self.max_window = max_window
         self.cache_hits = 0
         self.cache_misses = 0
+        self.full_for_delta = 0  # delta requests answered with the full artifact (no prepared delta)
         self._cache: OrderedDict[tuple[str, str | None], Artifact] = OrderedDict()
         self._cache_lock = threading.Lock()
-        # One loader at a time: when a new release goes out, every worker asks for it at once, and
-        # reading it (or computing its delta) once is better than eight times in parallel.
-        self._load_lock = threading.Lock()
+        self._manifests: dict[str, ReleaseManifest] = {}  # payload hex -> manifest, for the delta file's name
+        # One loader per artifact: when a new release goes out, every worker asks for it at once, and
+        # reading it once is better than eight times in parallel; loading one artifact never holds
+        # up a worker that wants another.
+        self._loading: dict[tuple[str, str | None], threading.Lock] = {}
 
     def chunks_for(self, request: ArtifactRequest) -> list[ArtifactChunk]:
-        """Chunks ``[first, first + window)`` clipped to the artifact, or a single error chunk."""
+        """Chunks ``[first, first + window)`` clipped to the artifact and to ``max_window``, or a single error chunk."""
         artifact = self.artifact_for(request.digest, request.delta_base)
         if artifact is None:
             return [error_chunk(request, f"unknown release {request.digest}")]
         if request.first >= artifact.total:
             reason = f"chunk {request.first} is past the end of the artifact ({artifact.total} chunks)"
             return [error_chunk(request, reason, artifact)]
-        end = min(request.first + request.window, artifact.total)
+        end = min(request.first + min(request.window, self.max_window), artifact.total)
         return [artifact.chunk(index, request.digest) for index in range(request.first, end)]
 
     def artifact_for(self, target: str, delta_base: str | None) -> Artifact | None:
-        """What to serve for ``target`` to a device holding ``delta_base``; None for an unknown target."""
-        key = (digest_hex(target), digest_hex(delta_base) if delta_base else None)
+        """What to serve for ``target`` to a device holding ``delta_base``; None for an unknown target.
+
+        The delta from ``delta_base`` if one has been prepared, else the full artifact.
+        """
+        target_hex = digest_hex(target)
+        manifest = self._manifest(target_hex)
+        if manifest is None:
+            return None
+        base_hex = None
+        if delta_base is not None:
+            if self.store.prepared_delta(manifest, delta_base) is not None:
+                base_hex = digest_hex(delta_base)
+            else:
+                with self._cache_lock:
+                    self.full_for_delta += 1
+        key = (target_hex, base_hex)
         cached = self._cached(key)
         if cached is not None:
             return cached
-        with self._load_lock:
-            cached = self._cached(key)  # another worker may have loaded it while we waited
-            if cached is not None:
-                return cached
-            manifest = self.store.by_digest(target)
-            if manifest is None:
-                return None
-            self.cache_misses += 1
-            artifact = self._load(manifest, delta_base)
         with self._cache_lock:
-            self._cache[key] = artifact
+            loading = self._loading.setdefault(key, threading.Lock())
+        try:
+            with loading:
+                cached = self._cached(key)  # another worker may have loaded it while we waited
+                if cached is not None:
+                    return cached
+                fresh = self.store.by_digest(target_hex)  # a rebuilt store is read again on every miss
+                if fresh is None:
+                    return None
+                with self._cache_lock:
+                    self.cache_misses += 1
+                artifact = self._load(fresh, base_hex)
+        finally:
+            with self._cache_lock:
+                self._loading.pop(key, None)
+        with self._cache_lock:
+            self._cache[(target_hex, digest_hex(artifact.base) if artifact.base else None)] = artifact
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return artifact
+
+    def _manifest(self, target_hex: str) -> ReleaseManifest | None:
+        with self._cache_lock:
+            known = self._manifests.get(target_hex)
+        if known is not None:
+            return known
+        manifest = self.store.by_digest(target_hex)
+        if manifest is not None:
+            with self._cache_lock:
+                self._manifests[target_hex] = manifest
+        return manifest
 
     def _cached(self, key: tuple[str, str | None]) -> Artifact | None:
         with self._cache_lock:
@@ -149,26 +214,18 @@ class ReleaseServer:
                 self.cache_hits += 1
             return artifact
 
-    def _load(self, target: ReleaseManifest, delta_base: str | None) -> Artifact:
-        delta = self._delta_path(target, delta_base) if delta_base else None
-        if delta is not None and delta_base is not None:
-            log.info("serving %s as a delta from %s (%s)", target.label, delta_base, delta.name)
-            return Artifact.of(_read(delta), target.chunk_size, _full_digest(delta_base))
+    def _load(self, target: ReleaseManifest, base_hex: str | None) -> Artifact:
+        delta = self.store.prepared_delta(target, base_hex) if base_hex is not None else None
+        if delta is not None and base_hex is not None:
+            try:
+                data = _read(delta)
+            except ReleaseError as exc:  # removed meanwhile: the full artifact works too
+                log.warning("%s: prepared delta unreadable (%s): full artifact", target.label, exc)
+            else:
+                log.info("serving %s as a delta from %s (%s)", target.label, base_hex, delta.name)
+                return Artifact.of(data, target.chunk_size, _full_digest(base_hex))
         log.info("serving %s as the full artifact", target.label)
         return Artifact.of(_read(self.store.artifact_path(target)), target.chunk_size, None)
-
-    def _delta_path(self, target: ReleaseManifest, delta_base: str) -> Path | None:
-        """The delta from ``delta_base`` if the store knows that release and the delta is worth it."""
-        base = self.store.by_digest(delta_base)
-        if base is None:
-            log.info("delta base %s of %s is not in the store: full artifact", delta_base, target.label)
-            return None
-        try:
-            return self.store.delta(base, target)
-        except FleetError as exc:
-            # A delta that cannot be made is no reason to refuse the device: the full one works.
-            log.warning("delta %s -> %s failed (%s): full artifact", base.label, target.label, exc)
-            return None
 
 
 def _read(path: Path) -> bytes:
@@ -222,7 +279,7 @@ class RateLimiter:
 @dataclass
 class ServiceStats:
     requests: int = 0
-    """Valid requests received (served or dropped)."""
+    """Requests received (served, replaced or dropped; invalid ones too)."""
     chunks_sent: int = 0
     """Chunks the broker acknowledged (error chunks included)."""
     bytes_sent: int = 0
@@ -231,16 +288,31 @@ class ServiceStats:
     """Invalid requests, error replies and windows not fully acknowledged."""
     dropped: int = 0
     """Requests not served: queue full, not connected or stopping."""
+    replaced: int = 0
+    """Requests not served because a newer one of the same node arrived while they waited."""
+    clamped: int = 0
+    """Served requests whose window was cut to ``max_window`` chunks."""
+    refused: int = 0
+    """Requests answered with an error chunk (unknown release, past the end, server failure)."""
+    full_for_delta: int = 0
+    """Delta requests answered with the full artifact: no delta prepared for the pair."""
 
 
 @dataclass(frozen=True)
 class _Job:
     node: str
-    request: ArtifactRequest
+    topic: str
+    payload: bytes
 
 
 class ReleaseService:
-    """Serves ``artifact/req`` of every node on one MQTT connection with ``max_transfers`` workers."""
+    """Serves ``artifact/req`` of every node on one MQTT connection with ``max_transfers`` workers.
+
+    Scheduling is per node: a node is served by at most one worker at a time and has at most one
+    request waiting (the newest: an agent that asks again has given up on the older one). Waiting
+    nodes are taken in the order they started waiting, so each node with work gets its turn.
+    ``queue_size`` bounds the nodes waiting; a request beyond it is dropped (the agent asks again).
+    """
 
     def __init__(
         self,
@@ -253,20 +325,29 @@ class ReleaseService:
         publish_timeout: float = 30.0,
         share: str | None = None,
     ) -> None:
+        """``rate_limit``: bytes/s per node; None for ``DEFAULT_RATE_LIMIT``, 0 for no limit."""
         if max_transfers < 1:
             raise ValueError("max_transfers must be at least 1")
+        if rate_limit is not None and rate_limit < 0:
+            raise ValueError("rate_limit must be 0 (no limit) or a positive number of bytes per second")
         self.mqtt = mqtt
         self.server = server
         self.max_transfers = max_transfers
         self.publish_timeout = publish_timeout
         self.share = share  # several controllers split the requests (rate limits then apply per controller)
-        self.limiter = RateLimiter(rate_limit) if rate_limit is not None else None
-        # Bounded: a burst of requests beyond this is dropped (the agent asks again), not buffered
-        # without limit. A request is a few dozen bytes; 8 per worker shed 2 % of a 10,000-device
-        # wave started at once (bench/sim_scale.py), 64 per worker keeps the queue under ~30 s.
-        self._queue: queue.Queue[_Job | None] = queue.Queue(queue_size or 64 * max_transfers)
+        rate = DEFAULT_RATE_LIMIT if rate_limit is None else rate_limit
+        self.limiter = RateLimiter(rate) if rate > 0 else None
+        # Bounded: a burst beyond this many waiting nodes is dropped (the agent asks again), not
+        # buffered without limit. 8 per worker shed 2 % of a 10,000-device wave started at once
+        # (bench/sim_scale.py), 64 per worker keeps the queue under ~30 s.
+        self.queue_size = queue_size or 64 * max_transfers
+        self._waiting: dict[str, _Job] = {}  # node -> its newest request not yet taken by a worker
+        self._ready: deque[str] = deque()  # nodes with a waiting request and no worker, oldest first
+        self._active: set[str] = set()  # nodes a worker is serving
         self._stats = ServiceStats()
         self._stats_lock = threading.Lock()
+        # One lock for the counters and the schedule: the intake takes it once per request.
+        self._schedule = threading.Condition(self._stats_lock)
         self._stopping = threading.Event()
         self._workers: list[threading.Thread] = []
         self._filter = all_nodes_filter(Channel.ARTIFACT_REQ)
@@ -291,20 +372,28 @@ class ReleaseService:
             worker = threading.Thread(target=self._work, name=f"release-transfer-{number}", daemon=True)
             worker.start()
             self._workers.append(worker)
-        self.mqtt.subscribe(self._filter, self._on_request, qos=1, share=self.share)
-        log.info("release service: serving %s (%d transfers at a time)", self._filter, self.max_transfers)
+        # QoS 0: a request is worth nothing once the agent has asked again (it does after its
+        # timeout), so the broker need not hold, resend or count requests in flight for us, and a
+        # flood is not queued at the broker ahead of other nodes' requests behind an inflight window.
+        self.mqtt.subscribe(self._filter, self._on_request, qos=0, share=self.share)
+        limit = f"{self.limiter.rate} bytes/s per node" if self.limiter else "no rate limit"
+        log.info(
+            "release service: serving %s (%d transfers at a time, %s, windows of at most %d chunks)",
+            self._filter,
+            self.max_transfers,
+            limit,
+            self.server.max_window,
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking requests, let the workers finish their current chunk and join them (bounded)."""
         self.mqtt.unsubscribe(self._filter)
         self._stopping.set()
-        self._discard_queued()
-        for _ in self._workers:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:  # cannot happen after the drain unless a late request slipped in
-                self._discard_queued()
-                self._queue.put_nowait(None)
+        with self._schedule:
+            self._stats.dropped += len(self._waiting)
+            self._waiting.clear()
+            self._ready.clear()
+            self._schedule.notify_all()
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
@@ -312,46 +401,63 @@ class ReleaseService:
                 log.warning("release service: %s did not stop within %.1fs", worker.name, timeout)
         self._workers.clear()
 
-    def _discard_queued(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                self._count(dropped=1)
-
-    # ---- intake (paho's thread: decode and queue, nothing slow) ----------------------------
+    # ---- intake (paho's thread: file the request under its node, nothing slow) -------------
 
     def _on_request(self, topic: str, payload: bytes) -> None:
-        try:
-            node, _channel, message = decode_for_channel(topic, payload)
-        except InvalidMessage as exc:
-            self._count(errors=1)
-            log.warning("release service: ignoring request: %s", exc)
+        # Called for every request of every node, floods included: no decoding, no regex, one lock.
+        # The node id is checked in the worker, before anything is published to it.
+        if not (topic.startswith(_REQ_PREFIX) and topic.endswith(_REQ_SUFFIX)):  # only artifact/req is subscribed
             return
-        if not isinstance(message, ArtifactRequest):  # only artifact/req is subscribed
-            return
-        self._count(requests=1)
-        if self._stopping.is_set():
-            self._count(dropped=1)
-            return
-        try:
-            self._queue.put_nowait(_Job(node, message))
-        except queue.Full:
-            self._count(dropped=1)
-            log.warning(
-                "%s: release service busy, dropped request for %s chunk %d (the agent asks again)",
-                node,
-                message.digest,
-                message.first,
-            )
+        node = topic[len(_REQ_PREFIX) : -len(_REQ_SUFFIX)]
+        with self._schedule:
+            stats = self._stats
+            stats.requests += 1
+            if len(payload) > MAX_REQUEST_BYTES:  # not kept waiting: a request is a few dozen bytes
+                stats.errors += 1
+                return
+            if self._stopping.is_set():
+                stats.dropped += 1
+                return
+            if node in self._waiting:
+                self._waiting[node] = _Job(node, topic, payload)  # keeps its place in the line
+                stats.replaced += 1
+                return
+            if len(self._waiting) >= self.queue_size:
+                stats.dropped += 1
+                busy = True
+            else:
+                busy = False
+                self._waiting[node] = _Job(node, topic, payload)
+                if node not in self._active:
+                    self._ready.append(node)
+                    self._schedule.notify()
+        if busy:
+            log.warning("%s: release service busy, dropped a request (the agent asks again)", node)
 
     # ---- workers ---------------------------------------------------------------------------
 
+    def _next_job(self) -> _Job | None:
+        with self._schedule:
+            while not self._ready:
+                if self._stopping.is_set():
+                    return None
+                self._schedule.wait()
+            if self._stopping.is_set():
+                return None
+            node = self._ready.popleft()
+            self._active.add(node)
+            return self._waiting.pop(node)
+
+    def _done(self, node: str) -> None:
+        with self._schedule:
+            self._active.discard(node)
+            if node in self._waiting:  # it asked again while being served: back in line
+                self._ready.append(node)
+                self._schedule.notify()
+
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
+            job = self._next_job()
             if job is None:
                 return
             try:
@@ -359,21 +465,34 @@ class ReleaseService:
             except Exception:
                 # Deliberately broad: one bad request must not take a transfer slot away for good.
                 self._count(errors=1)
-                log.exception("%s: serving %s failed", job.node, job.request.digest)
+                log.exception("%s: serving a request failed", job.node)
+            finally:
+                self._done(job.node)
 
     def _serve(self, job: _Job) -> None:
-        request = job.request
+        try:
+            _node, _channel, request = decode_for_channel(job.topic, job.payload)  # checks the node id too
+        except InvalidMessage as exc:
+            self._count(errors=1)
+            log.warning("release service: ignoring request: %s", exc)
+            return
+        if not isinstance(request, ArtifactRequest):  # cannot happen: the intake took artifact/req only
+            return
         if not self.mqtt.connected.is_set():
             self._count(dropped=1)
             log.info("%s: not connected, dropped request for chunk %d", job.node, request.first)
             return
+        if request.window > self.server.max_window:
+            self._count(clamped=1)
         try:
             chunks = self.server.chunks_for(request)
         except FleetError as exc:
             log.error("%s: cannot serve %s: %s", job.node, request.digest, exc)
             chunks = [error_chunk(request, f"release server failed: {exc}")]
+        if request.delta_base is not None and chunks[0].base is None and chunks[0].error is None:
+            self._count(full_for_delta=1)
         if chunks[0].error is not None:
-            self._count(errors=1)
+            self._count(errors=1, refused=1)
             log.info("%s: %s", job.node, chunks[0].error)
         log.debug("%s: chunks %d..%d of %s", job.node, chunks[0].index, chunks[-1].index, request.digest)
         self._send(job.node, chunks)

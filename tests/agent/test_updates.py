@@ -181,6 +181,9 @@ def test_full_update_then_delta_update(
         wait_reported(watcher, "healthy", "1.0.0")
         assert serving(releases.port) == "1.0.0"
         full_bytes = release_service.service.stats().bytes_sent
+        # Made ahead, as a rollout's start does: the release service never computes a delta for a request.
+        releases.store.prepare(releases.v2, [releases.v1.digest])
+        assert releases.store.wait_prepared(60)
         set_desired(embedded, pki, 2, releases.v2, releases.v1.digest)
         reported = wait_reported(watcher, "healthy", "2.0.0")
         assert reported.previous_version == "1.0.0"
