@@ -50,8 +50,9 @@ MAX_REQUEST_BYTES = 1024
 """A valid request is well under 300 bytes; anything bigger is refused before it waits in memory."""
 MAX_WINDOW = 32
 """Chunks sent for one request at most (the protocol allows asking for 256): a 60-byte request must
-not buy megabytes. Agents ask for 8 by default; a larger window is clamped, not refused, so an agent
-configured with more simply gets what it asked for in several requests."""
+not buy megabytes. Agents ask for 8 by default. A larger window is clamped, not refused, but an agent
+that asked for more waits for the rest until its request timeout before asking again: agents should
+not be configured above this."""
 DEFAULT_RATE_LIMIT = 1024 * 1024
 """Artifact bytes per second per node unless the service is told otherwise (``rate_limit=0``: no limit).
 A 10 MiB release takes a device 10 s at this rate; the burst is a second's worth."""
