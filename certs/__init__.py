@@ -13,10 +13,11 @@ from certs.authority import (
     OPERATOR_DAYS,
     Issuer,
 )
+from certs.control import load_control_key
 from certs.crl import ensure_not_older
 from certs.enroll import RECOVERY_GRACE, issue_from_csr, verify_possession_proof
 from certs.errors import CertificateRejected, PkiError, Refusal, RequestRefused
-from certs.identity import Identity, Role, identity_from_cert, identity_from_der
+from certs.identity import AccessRole, Identity, Role, access_role_of, identity_from_cert, identity_from_der
 from certs.identity_files import recover_identity_files, replace_identity_files
 from certs.paths import ClientPaths, PkiPaths
 from certs.pki import (
@@ -41,6 +42,7 @@ __all__ = [
     "ISSUING_DAYS",
     "OPERATOR_DAYS",
     "RECOVERY_GRACE",
+    "AccessRole",
     "CertificateRejected",
     "ClientPaths",
     "Identity",
@@ -54,6 +56,7 @@ __all__ = [
     "RequestRefused",
     "Revocations",
     "Role",
+    "access_role_of",
     "ensure_not_older",
     "identity_from_cert",
     "identity_from_der",
@@ -64,6 +67,7 @@ __all__ = [
     "issue_from_csr",
     "issue_operator",
     "list_identities",
+    "load_control_key",
     "load_revocations",
     "load_revoked_serials",
     "recover_identity_files",

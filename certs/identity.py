@@ -28,6 +28,28 @@ class Role(StrEnum):
     SERVER = "server"
 
 
+class AccessRole(StrEnum):
+    """What an operator may do on the controller's HTTP API; each role includes the ones before it.
+
+    An operator certificate carries its access role in the subject's ``title`` attribute
+    (``CN=alice, OU=operator, O=fleet, title=admin``); an operator certificate without one (issued
+    before access roles existed) is an ``operator``. API tokens carry one as well.
+    """
+
+    VIEWER = "viewer"  # read everything
+    OPERATOR = "operator"  # + commands, rollouts (start, pause, resume, abort), labels
+    ADMIN = "admin"  # + tokens, identities, releases
+
+    def allows(self, needed: AccessRole) -> bool:
+        """Whether this role may do what ``needed`` may."""
+        return _ACCESS_RANK[self] >= _ACCESS_RANK[needed]
+
+
+_ACCESS_RANK = {AccessRole.VIEWER: 0, AccessRole.OPERATOR: 1, AccessRole.ADMIN: 2}
+LEGACY_OPERATOR_ACCESS = AccessRole.OPERATOR
+"""The access role of an operator certificate without a ``title`` (issued before access roles)."""
+
+
 @dataclass(frozen=True)
 class Identity:
     name: str
@@ -35,14 +57,18 @@ class Identity:
     serial: int
 
 
-def subject_for(name: str, role: Role) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-        ]
-    )
+def subject_for(name: str, role: Role, access: AccessRole | None = None) -> x509.Name:
+    """``CN=<name>, OU=<role>, O=fleet``, plus ``title=<access>`` for an operator (only operators have one)."""
+    if access is not None and role is not Role.OPERATOR:
+        raise ValueError(f"only operator certificates carry an access role, not {role}")
+    attributes = [
+        x509.NameAttribute(NameOID.COMMON_NAME, name),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+    ]
+    if access is not None:
+        attributes.append(x509.NameAttribute(NameOID.TITLE, access.value))
+    return x509.Name(attributes)
 
 
 def ca_subject(common_name: str) -> x509.Name:
@@ -84,6 +110,24 @@ def identity_from_cert(cert: x509.Certificate) -> Identity:
     if cert.issuer == ISSUING_CA_SUBJECT and role is not Role.DEVICE:
         raise CertificateRejected(f"{role} {name!r} issued by the device-issuing CA, which issues devices only")
     return Identity(name=name, role=role, serial=cert.serial_number)
+
+
+def access_role_of(cert: x509.Certificate) -> AccessRole | None:
+    """The API access role of an operator certificate (``title``; none: ``LEGACY_OPERATOR_ACCESS``);
+    None for every other role. ``CertificateRejected`` for an unknown or repeated title."""
+    if identity_from_cert(cert).role is not Role.OPERATOR:
+        return None
+    titles = cert.subject.get_attributes_for_oid(NameOID.TITLE)
+    if not titles:
+        return LEGACY_OPERATOR_ACCESS
+    if len(titles) > 1:
+        raise CertificateRejected(f"subject has {len(titles)} title attributes, expected at most one")
+    value = titles[0].value
+    try:
+        return AccessRole(value if isinstance(value, str) else "")
+    except ValueError:
+        known = ", ".join(role.value for role in AccessRole)
+        raise CertificateRejected(f"unknown access role title={value!r} (known: {known})") from None
 
 
 def _single_attribute(cert: x509.Certificate, oid: x509.ObjectIdentifier, label: str) -> str:

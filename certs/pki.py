@@ -16,6 +16,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
 
 from certs.authority import (
     CONTROLLER_DAYS,
@@ -53,7 +54,9 @@ from certs.identity import (
     OPERATOR_NAME,
     RESERVED_NAMES,
     SERVER_NAME,
+    AccessRole,
     Role,
+    access_role_of,
     identity_from_cert,
     subject_for,
 )
@@ -86,6 +89,7 @@ class IdentityInfo:
     revoked: bool
     cert: Path
     issuer: Issuer | None = None  # None: signed by no CA of this PKI (left over from a replaced one)
+    access: AccessRole | None = None  # operators only: what they may do on the controller's HTTP API
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class PkiUpgrade:
     issuing_added: bool
     root_recertified: bool  # ca.pem re-signed with path length 1 (same key, subject and validity)
     crl_completed: bool  # crl.pem got the CRL of a CA that had none
+    control_key_added: bool = False  # control.key/control.pub (the control-plane signing key) were made
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,7 @@ def init_pki(
     ca = new_root(validity_for_days(now, days))
     issuing = new_issuing(ca, ISSUING_DAYS, now=now)
     release_key = ed25519.Ed25519PrivateKey.generate()
+    control_key = ed25519.Ed25519PrivateKey.generate()
     files = [
         PendingFile(pki.ca_cert, cert_pem(ca.cert)),
         PendingFile(pki.ca_key, key_pem(ca.key), private=True),
@@ -144,9 +150,13 @@ def init_pki(
         PendingFile(pki.issuing_key, key_pem(issuing.key), private=True),
         *_leaf_files(ca, SERVER_NAME, Role.SERVER, pki.server, days, now=now, sans=sans),
         *_leaf_files(ca, CONTROLLER_NAME, Role.CONTROLLER, pki.default_controller, CONTROLLER_DAYS, now=now),
-        *_leaf_files(ca, OPERATOR_NAME, Role.OPERATOR, pki.default_operator, OPERATOR_DAYS, now=now),
+        # The shared operator of `init` is an admin: whoever runs init holds ca.key anyway.
+        *_leaf_files(
+            ca, OPERATOR_NAME, Role.OPERATOR, pki.default_operator, OPERATOR_DAYS, now=now, access=AccessRole.ADMIN
+        ),
         PendingFile(pki.release_key, key_pem(release_key), private=True),
         PendingFile(pki.release_pub, public_key_pem(release_key.public_key())),
+        *_control_key_files(pki, control_key),
         PendingFile(
             pki.crl,
             build_crl(ca.cert, ca.key, {}, number=1, now=now)
@@ -158,7 +168,8 @@ def init_pki(
 
 
 def upgrade_pki(pki: PkiPaths, *, issuing_days: int = ISSUING_DAYS) -> PkiUpgrade:
-    """Add to an existing PKI what it lacks: the issuing CA (and its CRL in crl.pem).
+    """Add to an existing PKI what it lacks: the issuing CA (and its CRL in crl.pem), the
+    control-plane signing key (control.key, control.pub).
 
     A root made before the issuing CA existed has path length 0, under which OpenSSL accepts no CA;
     it is re-certified first: same key, subject, validity and key identifier, path length 1, so
@@ -191,10 +202,32 @@ def _upgrade(pki: PkiPaths, issuing_days: int) -> PkiUpgrade:
     crl, crl_completed = _completed_crl(pki, root, issuing, now=now)
     if crl is not None:
         files.append(PendingFile(pki.crl, crl))
+    control_added = not pki.control_key.exists()
+    if control_added:
+        files += _control_key_files(pki, ed25519.Ed25519PrivateKey.generate())
+    elif not pki.control_pub.exists():  # the public half lost: derived again from the key
+        files.append(PendingFile(pki.control_pub, _control_pub_pem(pki)))
     if not files:
         raise PkiError(f"{pki.ca_cert}: already exists, with its issuing CA (--force replaces the whole PKI)")
     write_files(files)
-    return PkiUpgrade(tuple(pending.path for pending in files), issuing_added, recertified, crl_completed)
+    return PkiUpgrade(
+        tuple(pending.path for pending in files), issuing_added, recertified, crl_completed, control_added
+    )
+
+
+def _control_key_files(pki: PkiPaths, key: ed25519.Ed25519PrivateKey) -> list[PendingFile]:
+    # The key last: a crash between the two leaves no key, and the next upgrade makes both again.
+    return [
+        PendingFile(pki.control_pub, public_key_pem(key.public_key())),
+        PendingFile(pki.control_key, key_pem(key), private=True),
+    ]
+
+
+def _control_pub_pem(pki: PkiPaths) -> bytes:
+    key = serialization.load_pem_private_key(read_bytes(pki.control_key), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise PkiError(f"{pki.control_key}: not an Ed25519 private key")
+    return public_key_pem(key.public_key())
 
 
 def issue_device(
@@ -216,9 +249,19 @@ def issue_device(
     return _issue(pki, node_id, Role.DEVICE, force=force, days=days, start=not_valid_before, end=not_valid_after)
 
 
-def issue_operator(pki: PkiPaths, name: str, *, force: bool = False, days: int = OPERATOR_DAYS) -> ClientPaths:
-    """Issue a personal operator identity, so two operators' tools do not kick each other off the broker."""
-    return _issue(pki, name, Role.OPERATOR, force=force, days=days)
+def issue_operator(
+    pki: PkiPaths,
+    name: str,
+    *,
+    force: bool = False,
+    days: int = OPERATOR_DAYS,
+    access: AccessRole = AccessRole.OPERATOR,
+) -> ClientPaths:
+    """Issue a personal operator identity, so two operators' tools do not kick each other off the broker.
+
+    ``access`` is what it may do on the controller's HTTP API (viewer, operator, admin), written
+    into the certificate's subject."""
+    return _issue(pki, name, Role.OPERATOR, force=force, days=days, access=access)
 
 
 def issue_controller(pki: PkiPaths, name: str, *, force: bool = False, days: int = CONTROLLER_DAYS) -> ClientPaths:
@@ -249,7 +292,10 @@ def renew(pki: PkiPaths, name: str, *, days: int | None = None) -> Renewal:
     validity = leaf_validity(authority.cert, days or DEFAULT_ROLE_DAYS[identity.role], now=now_utc())
     sans = _sans_of(old) if identity.role is Role.SERVER else ()
     key = new_key()
-    cert = build_leaf(authority, subject_for(name, identity.role), key.public_key(), identity.role, validity, sans=sans)
+    # An operator keeps its access role; one without (issued before access roles) stays without.
+    access = access_role_of(old) if old.subject.get_attributes_for_oid(NameOID.TITLE) else None
+    subject = subject_for(name, identity.role, access)
+    cert = build_leaf(authority, subject, key.public_key(), identity.role, validity, sans=sans)
     replace_identity_files(paths, cert_pem=cert_pem(cert) + authority.chain_pem, key_pem=key_pem(key))
     return Renewal(paths, identity.role, cert.serial_number, authority.kind, validity.not_after, recovered)
 
@@ -265,11 +311,17 @@ def revoke(pki: PkiPaths, name: str) -> int:
     return revoke_certificate(pki, read_cert(paths.cert), source=str(paths.cert))
 
 
-def list_identities(pki: PkiPaths) -> list[IdentityInfo]:
-    """Every identity on disk, server first, then controllers, operators and devices by name."""
+def list_identities(pki: PkiPaths, roles: Iterable[Role] | None = None) -> list[IdentityInfo]:
+    """Every identity on disk (of ``roles`` only, if given), server first, then controllers,
+    operators and devices by name."""
+    wanted = frozenset(Role) if roles is None else frozenset(roles)
     revoked = load_revoked_serials(pki)
     cas = ca_certs(pki)
-    infos = [_identity_info(pki, paths.cert, revoked, cas) for _, _, paths in _existing_identities(pki)]
+    infos = [
+        _identity_info(pki, paths.cert, revoked, cas)
+        for _, role, paths in _existing_identities(pki, wanted)
+        if role in wanted
+    ]
     return sorted(infos, key=lambda info: (_ROLE_ORDER[info.role], info.name))
 
 
@@ -307,6 +359,7 @@ def _issue(
     days: int,
     start: datetime | None = None,
     end: datetime | None = None,
+    access: AccessRole | None = None,
 ) -> ClientPaths:
     _validate_name(name, role)
     paths = _paths_for(pki, role, name)
@@ -314,7 +367,11 @@ def _issue(
     if _exists(paths) and not force:
         raise PkiError(f"{paths.cert.parent}: {role} {name!r} already exists (--force replaces it)")
     issuer = device_authority(pki) if role is Role.DEVICE else load_authority(pki, Issuer.ROOT)
-    write_files(_leaf_files(issuer, name, role, paths, days, now=now_utc(), start=start, end=end))
+    files = _leaf_files(issuer, name, role, paths, days, now=now_utc(), start=start, end=end, access=access)
+    if role is Role.DEVICE and pki.control_pub.exists():
+        # The device gets the key that control-plane messages to it are signed with, with its identity.
+        files.append(PendingFile(pki.device_control_pub(name), read_bytes(pki.control_pub)))
+    write_files(files)
     return paths
 
 
@@ -351,10 +408,11 @@ def _leaf_files(
     start: datetime | None = None,
     end: datetime | None = None,
     sans: Sequence[x509.GeneralName] = (),
+    access: AccessRole | None = None,
 ) -> list[PendingFile]:
     validity = leaf_validity(issuer.cert, days, now=now, start=start, end=end)
     key = new_key()
-    cert = build_leaf(issuer, subject_for(name, role), key.public_key(), role, validity, sans=sans)
+    cert = build_leaf(issuer, subject_for(name, role, access), key.public_key(), role, validity, sans=sans)
     return [
         PendingFile(paths.cert, cert_pem(cert) + issuer.chain_pem),
         PendingFile(paths.key, key_pem(key), private=True),
@@ -410,8 +468,11 @@ def _general_name(value: str) -> x509.GeneralName:
 # ----------------------------------------------------------------------------------------- inventory
 
 
-def _existing_identities(pki: PkiPaths) -> Iterator[tuple[str, Role, ClientPaths]]:
-    """(name, role, paths) of every identity whose certificate is on disk, as the layout names them."""
+def _existing_identities(
+    pki: PkiPaths, roles: frozenset[Role] = frozenset(Role)
+) -> Iterator[tuple[str, Role, ClientPaths]]:
+    """(name, role, paths) of every identity whose certificate is on disk, as the layout names them;
+    the directories of roles not in ``roles`` are not read."""
     defaults = (
         (SERVER_NAME, Role.SERVER, pki.server),
         (CONTROLLER_NAME, Role.CONTROLLER, pki.default_controller),
@@ -422,7 +483,7 @@ def _existing_identities(pki: PkiPaths) -> Iterator[tuple[str, Role, ClientPaths
             yield name, role, paths
     for role, directory in _ROLE_DIRS.items():
         parent = pki.root / directory
-        if not parent.is_dir():
+        if role not in roles or not parent.is_dir():
             continue
         for child in sorted(parent.iterdir()):
             paths = _paths_for(pki, role, child.name)
@@ -436,6 +497,7 @@ def _identity_info(
     cert = read_cert(path)
     try:
         identity = identity_from_cert(cert)
+        access = access_role_of(cert)
     except CertificateRejected as exc:
         raise PkiError(f"{path}: {exc}") from exc
     return IdentityInfo(
@@ -446,4 +508,5 @@ def _identity_info(
         revoked=identity.serial in revoked,
         cert=path,
         issuer=issuer_of(pki, cert, cas),
+        access=access,
     )

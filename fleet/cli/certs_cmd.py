@@ -46,8 +46,9 @@ def init(
         ),
     ] = None,
 ) -> None:
-    """Create the root and issuing CAs, server, controller and operator certificates, the release key
-    and empty CRLs. On an existing PKI: add the issuing CA it lacks (nothing else changes)."""
+    """Create the root and issuing CAs, server, controller and operator certificates, the release key,
+    the control key and empty CRLs. On an existing PKI: add the issuing CA or control key it lacks
+    (nothing else changes)."""
     pki = PkiPaths(directory)
     if pki.ca_cert.exists() and not force:
         if san or days is not None:
@@ -69,6 +70,8 @@ def init(
             pki.operator_key,
             pki.release_key,
             pki.release_pub,
+            pki.control_pub,
+            pki.control_key,
             pki.crl,
         ]
     )
@@ -81,20 +84,33 @@ def device(
     force: Force = False,
     days: Days = certs.DEVICE_DAYS,
 ) -> None:
-    """Issue a device certificate whose CN is the node id (signed by the issuing CA)."""
-    paths = _run(lambda: certs.issue_device(PkiPaths(directory), node_id, force=force, days=days))
+    """Issue a device certificate whose CN is the node id (signed by the issuing CA), with a copy of
+    control.pub (the key its agent verifies desired state and commands with)."""
+    pki = PkiPaths(directory)
+    paths = _run(lambda: certs.issue_device(pki, node_id, force=force, days=days))
     _report_client(paths)
+    if pki.device_control_pub(node_id).exists():
+        _report_written([pki.device_control_pub(node_id)])
 
 
 @app.command()
 def operator(
     directory: Dir,
     name: Annotated[str, typer.Argument(metavar="NAME", help="The operator's name (its CN).")],
+    role: Annotated[
+        certs.AccessRole,
+        typer.Option(
+            "--role",
+            case_sensitive=False,
+            help="What it may do on the controller's HTTP API: viewer (read), operator (+ commands, rollouts,"
+            " labels), admin (+ tokens, identities, releases).",
+        ),
+    ] = certs.AccessRole.OPERATOR,
     force: Force = False,
     days: Days = certs.OPERATOR_DAYS,
 ) -> None:
-    """Issue a personal operator certificate."""
-    paths = _run(lambda: certs.issue_operator(PkiPaths(directory), name, force=force, days=days))
+    """Issue a personal operator certificate with its API role (the CN is the user the audit trail names)."""
+    paths = _run(lambda: certs.issue_operator(PkiPaths(directory), name, force=force, days=days, access=role))
     _report_client(paths)
 
 
@@ -153,7 +169,7 @@ def ls_cmd(
     directory: Dir,
     output: Annotated[OutputFormat, typer.Option("--output", "-o", help="table or json.")] = OutputFormat.TABLE,
 ) -> None:
-    """List identities: name, role, issuing CA, serial, expiry, revoked."""
+    """List identities: name, role (an operator's with its API role), issuing CA, serial, expiry, revoked."""
     infos = _run(lambda: certs.list_identities(PkiPaths(directory)))
     if output is OutputFormat.JSON:
         typer.echo(json.dumps([_as_json(info) for info in infos], indent=2))
@@ -190,6 +206,11 @@ def _report_upgrade(pki: PkiPaths, upgrade: certs.PkiUpgrade) -> None:
             f"added the issuing CA {pki.issuing_cert}: new devices are issued by it; existing certificates are "
             "unchanged (`fleet certs renew` moves a device to it)"
         )
+    if upgrade.control_key_added:
+        typer.echo(
+            f"added the control key {pki.control_key}: the controller signs desired state and commands with it;"
+            f" give every gateway {pki.control_pub} next to its ca.pem (new devices get a copy in devices/<id>/)"
+        )
 
 
 def _issuer_label(info: IdentityInfo) -> str:
@@ -206,6 +227,7 @@ def _as_json(info: IdentityInfo) -> dict[str, object]:
     return {
         "name": info.name,
         "role": info.role.value,
+        "access": info.access.value if info.access is not None else None,
         "issuer": _issuer_label(info),
         # A string: 160-bit serials do not survive a JSON number in most consumers.
         "serial": _serial_hex(info.serial),
@@ -226,7 +248,7 @@ def _as_table(infos: Iterable[IdentityInfo]) -> Table:
     for info in infos:
         table.add_row(
             info.name,
-            info.role.value,
+            info.role.value if info.access is None else f"{info.role.value} ({info.access.value})",
             _issuer_label(info),
             _serial_hex(info.serial),
             info.not_after.strftime("%Y-%m-%d"),

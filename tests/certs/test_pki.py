@@ -41,6 +41,7 @@ def _ext(cert: x509.Certificate, kind: type[E]) -> E:
 
 def test_init_writes_every_file_with_private_keys_owner_only(pki: PkiPaths) -> None:
     private = [pki.ca_key, pki.issuing_key, pki.server_key, pki.controller_key, pki.operator_key, pki.release_key]
+    private.append(pki.control_key)
     public = [
         pki.ca_cert,
         pki.issuing_cert,
@@ -48,6 +49,7 @@ def test_init_writes_every_file_with_private_keys_owner_only(pki: PkiPaths) -> N
         pki.controller_cert,
         pki.operator_cert,
         pki.release_pub,
+        pki.control_pub,
         pki.crl,
     ]
     assert {path.name for path in pki.root.iterdir()} == {path.name for path in private + public}
@@ -89,7 +91,9 @@ def test_init_leaf_certificates_carry_their_role(
     path: Path = getattr(pki, attr)
     cert = load_cert(path)
     ca = load_cert(pki.ca_cert)
-    assert cert.subject.rfc4514_string() == f"O=fleet,OU={role},CN={name}"
+    # init's shared operator is an admin on the controller's API (the title attribute, certs.AccessRole).
+    title = "2.5.4.12=admin," if role is Role.OPERATOR else ""  # 2.5.4.12: the X.520 title
+    assert cert.subject.rfc4514_string() == f"{title}O=fleet,OU={role},CN={name}"
     assert certs.identity_from_cert(cert) == certs.Identity(name=name, role=role, serial=cert.serial_number)
     cert.verify_directly_issued_by(ca)
     assert _ext(cert, x509.BasicConstraints) == x509.BasicConstraints(ca=False, path_length=None)
