@@ -1,9 +1,16 @@
-"""The operator CLI ``fleet``: one Typer app, one sub-app per concern."""
+"""The operator CLI ``fleet``: one Typer app, one sub-app per concern.
+
+Exit codes, the same for every command (``fleet --help`` lists them): 0 success; 1 the operation
+failed (a command failed, a rollout aborted, a wait timed out, the controller refused a change that
+conflicts with its state); 2 usage error (a bad option, argument or input, an unknown node or
+rollout); 3 the controller cannot be reached or does not accept the credentials.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Collection
 from typing import TYPE_CHECKING, NoReturn
@@ -29,13 +36,39 @@ except ImportError as exc:  # the agent-only install: `main` says what is missin
     _server_extra_installed = False
 else:
     _server_extra_installed = True
-    app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fleet messaging and updates over MQTT.")
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the operation failed: command failed, rollout aborted, timed out, conflict
+EXIT_USAGE = 2  # bad options, arguments or input; an unknown node, command or rollout
+EXIT_UNREACHABLE = 3  # the controller cannot be reached, or refuses the credentials (401, 403)
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success; 1 the operation failed (command failed, rollout aborted or timed out,"
+    " conflict); 2 usage error (bad option or input, unknown node or rollout); 3 controller unreachable"
+    " or credentials refused."
+)
+
+if _server_extra_installed:
+    app = typer.Typer(
+        no_args_is_help=True,
+        add_completion=True,
+        help="Fleet messaging and updates over MQTT.",
+        epilog=EXIT_CODES_HELP,
+    )
 
 
-def fail(message: str) -> NoReturn:
-    """Print one line naming what is wrong and exit 2 (the contract for every bad input)."""
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one line naming what is wrong and exit ``code`` (2, usage error, unless said otherwise)."""
     typer.echo(f"fleet: error: {message}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
+
+
+def version_text() -> str:
+    from importlib import metadata
+
+    try:
+        return f"fleet {metadata.version('fleet-mqtt')}"
+    except metadata.PackageNotFoundError:  # a source tree that was not installed
+        return "fleet 0.0.0"
 
 
 def parse_host_port(option: str, value: str, *, port_zero: bool = False) -> tuple[str, int]:
@@ -79,14 +112,27 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "send": (
         "ops_cmd",
         "send",
-        "Send a command to a node; with --wait, follow its ack trail (exit 1 if it fails or times out).",
+        "Send a command to a node (or to every node --selector matches, after a confirmation); with --wait,"
+        " follow the ack trail (exit 1 if it fails or times out).",
     ),
     "label": (
         "ops_cmd",
         "label",
         "Set or remove a node's operator labels (KEY=VALUE, KEY-); they win over the labels it reports.",
     ),
+    "cancel": (
+        "ops_cmd",
+        "cancel",
+        "Cancel a pending command: the controller stops resending it (exit 1 once it was acknowledged).",
+    ),
     "rollout": ("ops_cmd", "rollout_app", "Staged, health-gated rollouts."),
+    "token": ("token_cmd", "app", "API tokens for scripts and CI: create (shown once), ls, revoke."),
+    "audit": (
+        "token_cmd",
+        "audit",
+        "The audit trail: who changed what through the API, when, with what outcome (oldest first).",
+    ),
+    "whoami": ("token_cmd", "whoami", "Who the controller takes you for: name, certificate or token, role."),
     "watch": (
         "watch_cmd",
         "watch",
@@ -99,7 +145,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "sim": ("sim_cmd", "sim", "Simulate a fleet over the real protocol (load generator and benchmark engine)."),
 }
-_SUB_APPS = frozenset({"certs", "release", "rollout"})
+_SUB_APPS = frozenset({"certs", "release", "rollout", "token"})
 
 _registered = False
 
@@ -136,8 +182,31 @@ def _placeholder() -> None:
 
 def _command_on(argv: list[str]) -> str | None:
     """The sub-command ``fleet`` is asked to run: its first argument that is not an option (the
-    top-level takes no option with a value)."""
+    top-level takes no option with a value). While the shell asks for completions, the words typed
+    so far (bash: COMP_WORDS; zsh, fish, PowerShell: _TYPER_COMPLETE_ARGS) name it."""
+    if os.environ.get("_FLEET_COMPLETE"):
+        typed = os.environ.get("COMP_WORDS") or os.environ.get("_TYPER_COMPLETE_ARGS") or ""
+        words = typed.split()[1:]
+        known = [word for word in words if word in SUBCOMMANDS]
+        return known[0] if known else None
     return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit(code=EXIT_OK)
+
+
+if _server_extra_installed:
+
+    @app.callback(epilog=EXIT_CODES_HELP)
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        """Fleet messaging and updates over MQTT."""
 
 
 def main() -> None:

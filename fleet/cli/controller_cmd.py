@@ -1,4 +1,4 @@
-"""``fleet controller``: the controller service (registry, commands, rollouts, release serving, HTTP API).
+"""``fleet controller``: the controller service (registry, commands, rollouts, release serving, HTTPS API).
 
 The settings, their defaults and their validation are fleet.controller.settings; this module only
 maps flags (and the CLI-wide FLEET_CERTS / FLEET_BROKER) onto fields of that tree.
@@ -35,8 +35,14 @@ FIELDS = {
     "stale_after": "timing.stale_after",
     "offline_after": "timing.offline_after",
     "lease_ttl": "timing.lease_ttl",
+    "http_cert": "http.cert",
+    "http_key": "http.key",
+    "insecure_http": "http.insecure",
+    "log_format": "log.format",
+    "log_level": "log.level",
 }
-ADDRESSES = {"broker": "broker", "http": "http"}  # HOST:PORT flags -> the section holding host and port
+# HOST:PORT flags -> the section holding host and port
+ADDRESSES = {"broker": "broker", "http": "http", "metrics": "metrics"}
 
 
 def _about(field: str) -> str:
@@ -71,7 +77,8 @@ def controller(
         Path | None,
         typer.Option(
             "--config",
-            help="YAML settings file (sections broker, storage, releases, timing, http; docs/operations.md);"
+            help="YAML settings file (sections broker, storage, releases, timing, http, metrics, log;"
+            " docs/operations.md);"
             " FLEET_CONTROLLER_<SECTION>__<FIELD> variables override it, flags override both",
             metavar="FILE",
         ),
@@ -106,6 +113,23 @@ def controller(
     rate_limit: Annotated[str | None, typer.Option(help=_about("releases.rate_limit"), metavar="BYTES")] = None,
     share: Annotated[str | None, typer.Option(help=_about("broker.share"), metavar="GROUP")] = None,
     lease_ttl: Annotated[str | None, typer.Option(help=_about("timing.lease_ttl"), metavar="DURATION")] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            help="HOST:PORT of a listener serving only GET /metrics and /healthz without credentials (for"
+            " Prometheus); setting metrics.host, metrics.port (default none: the API alone serves /metrics)",
+            metavar="HOST:PORT",
+        ),
+    ] = None,
+    insecure_http: Annotated[
+        bool | None,
+        typer.Option("--insecure-http", help=_about("http.insecure"), show_default=False),
+    ] = None,
+    http_cert: Annotated[Path | None, typer.Option(help=_about("http.cert"), metavar="FILE")] = None,
+    http_key: Annotated[Path | None, typer.Option(help=_about("http.key"), metavar="FILE")] = None,
+    log_format: Annotated[str | None, typer.Option(help=_about("log.format"), metavar="text|json")] = None,
+    log_level: Annotated[str | None, typer.Option(help=_about("log.level"), metavar="LEVEL")] = None,
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM.
 
@@ -113,25 +137,34 @@ def controller(
 
     Durations are seconds or 500ms, 30s, 5m, 1h.
     """
-    from fleet.controller.api import create_app, serve_in_thread
-    from fleet.controller.service import Controller
+    from fleet.controller import logs
+    from fleet.controller.service import Controller, serve_http
 
     # The values arrive as ctx.params too, which also says whether each came from the command
     # line or from the option's own environment variable.
     settings = _load(ctx, config)
+    logs.configure(settings.log.format, settings.log.level)
+    for chatty in ("amqtt", "httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         service = Controller(settings)
-        api = serve_in_thread(create_app(service), settings.http.host, settings.http.port)
+        servers = serve_http(service)
         service.start()
     except FleetError as exc:
         fail(str(exc))
+    api = servers[0]
     log.info("controller API on %s", api.url)
+    if settings.http.insecure:
+        log.warning("the API is plain HTTP (--insecure-http): for development only; API tokens only")
+    for extra in servers[1:]:
+        log.info("controller metrics on %s/metrics", extra.url)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     log.info("controller stopping")
-    api.stop()
+    for server in servers:
+        server.stop()
     service.stop()
 
 
@@ -140,7 +173,7 @@ def _load(ctx: typer.Context, config: Path | None) -> ControllerSettings:
     cli_env: list[Setting] = []
     flags: list[Setting] = []
     for name, value in ctx.params.items():
-        if value is None or name == "config":
+        if value is None or value is False or name == "config":
             continue
         option = options[name]
         origin = ctx.get_parameter_source(name)  # click's ParameterSource (typer vendors its own click)
@@ -148,7 +181,7 @@ def _load(ctx: typer.Context, config: Path | None) -> ControllerSettings:
         source = str(option.envvar) if from_env else option.opts[0]
         (cli_env if from_env else flags).extend(_settings_of(name, value, source))
     hints = {field: f"--{name.replace('_', '-')}" for name, field in FIELDS.items()}
-    hints |= {"broker.host": "--broker", "broker.port": "--broker"}
+    hints |= {"broker.host": "--broker", "broker.port": "--broker", "metrics.host": "--metrics"}
     try:
         return load_settings(config, os.environ, cli_env=cli_env, flags=flags, hints=hints)
     except FleetError as exc:

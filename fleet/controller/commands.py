@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fleet.controller.bounds import Rejects, screen
-from fleet.controller.facade import AckRecord, BadRequest, CommandView, NotFound
+from fleet.controller.facade import AckRecord, BadRequest, CommandView, Conflict, NotFound
 from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel, encode
 from fleet.protocol.errors import FleetError, InvalidMessage
@@ -46,6 +46,7 @@ MAX_ACKS = 16
 
 PENDING = "pending"  # published, no ack at all yet: the only status that is resent
 EXPIRED = "expired"
+CANCELLED = "cancelled"  # an operator stopped the resends before any ack (an ack arriving later still shows)
 
 # Which status a command shows when several acks arrived: the highest rank wins, so an
 # ``accepted`` delivered after ``done`` (acks can overtake each other in the agent's outbox)
@@ -196,6 +197,22 @@ class CommandTracker:
         with self._lock:
             spread = self._rng.uniform(-self.jitter, self.jitter) if self.jitter else 0.0
         return float(base * (1.0 + spread))
+
+    def cancel(self, command_id: str) -> CommandView:
+        """Stop resending a command that has no ack yet; ``Conflict`` once it has one, or expired.
+
+        Nothing is sent to the node (the protocol has no cancel): a copy the broker queued for an
+        offline node may still arrive, and the agent refuses it after ``expires_at``."""
+        with self.db.transaction() as conn:
+            row = conn.execute("SELECT status FROM commands WHERE id = ?", (command_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"unknown command {command_id!r}")
+            if row[0] != PENDING:
+                raise Conflict(f"command {command_id} is {row[0]}: only a pending command can be cancelled")
+            conn.execute("UPDATE commands SET status = ?, next_send = NULL WHERE id = ?", (CANCELLED, command_id))
+        self._count("cancelled")
+        log.info("command %s cancelled", command_id)
+        return self.get(command_id)
 
     # ---- acks (paho's thread) --------------------------------------------------------------
 

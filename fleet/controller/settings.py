@@ -11,11 +11,12 @@ like ``500ms``, ``30s``, ``5m``, ``1h``. Unknown keys are an error, and every pr
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,10 +116,62 @@ class TimingSettings(Section):
 
 
 class HttpSettings(Section):
-    """The HTTP API (no authentication: keep it on loopback or behind an authenticating proxy)."""
+    """The HTTP API: HTTPS with the PKI's server certificate; every request needs an operator client
+    certificate or an API token."""
 
     host: str = Field(default="127.0.0.1", min_length=1, description="address the HTTP API listens on")
     port: int = Field(default=8080, ge=0, le=65535, description="HTTP API port; 0: any free port (logged)")
+    cert: Path | None = Field(
+        default=None,
+        description="the API's TLS certificate (PEM); none: the PKI's server.pem (the broker's, SANs from"
+        " `fleet certs init --san`)",
+    )
+    key: Path | None = Field(default=None, description="the key of http.cert; none: the PKI's server.key")
+    insecure: bool = Field(
+        default=False,
+        description="plain HTTP instead of HTTPS, for development only: allowed on a loopback address only, and"
+        " only API tokens are accepted (there is no client certificate without TLS)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header values the API answers besides the names in its certificate (and the"
+        " loopback names on a loopback address): a defence against DNS rebinding",
+    )
+
+    @model_validator(mode="after")
+    def _insecure_on_loopback_only(self) -> HttpSettings:
+        if self.insecure and not _is_loopback(self.host):
+            raise ValueError(f"insecure (plain HTTP) is allowed on a loopback address only, not {self.host}")
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: give both or neither")
+        return self
+
+
+class MetricsSettings(Section):
+    """An extra listener serving only GET /metrics and GET /healthz, without credentials (for Prometheus)."""
+
+    host: str | None = Field(
+        default=None, description="address of the metrics listener; none: no listener (the API serves /metrics)"
+    )
+    port: int = Field(default=9464, ge=0, le=65535, description="metrics listener port; 0: any free port (logged)")
+
+
+class LogSettings(Section):
+    """The controller's own log lines (stderr)."""
+
+    format: Literal["text", "json"] = Field(
+        default="text", description="text, or json: one object per line (ts, level, logger, msg) like fleet-agent"
+    )
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="lowest level logged")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class ControllerSettings(Section):
@@ -129,6 +182,8 @@ class ControllerSettings(Section):
     releases: ReleaseSettings = Field(default=ReleaseSettings(), description="release serving")
     timing: TimingSettings = Field(default=TimingSettings(), description="periods and timeouts")
     http: HttpSettings = Field(default=HttpSettings(), description="the HTTP API")
+    metrics: MetricsSettings = Field(default=MetricsSettings(), description="the unauthenticated metrics listener")
+    log: LogSettings = Field(default=LogSettings(), description="log lines")
 
     @property
     def pki(self) -> PkiPaths:

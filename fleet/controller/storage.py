@@ -1,7 +1,8 @@
 """The controller's SQLite database: one file, WAL, one connection shared under a lock.
 
 Each module that persists something owns its tables and registers their schema here with
-``Database.migrate``. Rollout transitions use ``transaction()`` (committed and fsynced before
+``Database.migrate`` (the API's tokens, audit trail and idempotency keys too: fleet.controller.auth,
+fleet.controller.audit). Rollout transitions use ``transaction()`` (committed and fsynced before
 anything is published); telemetry is written in batches so heartbeat ingest is not bound by fsync.
 """
 
@@ -73,6 +74,19 @@ class Database:
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.lock:
             return list(self._db.execute(sql, params).fetchall())
+
+    def ping(self, timeout: float = 1.0) -> str | None:
+        """None if the database answers a trivial query within ``timeout`` seconds, else the problem
+        (for ``/healthz``: never waits long behind a writer holding the lock)."""
+        if not self.lock.acquire(timeout=timeout):
+            return f"busy for more than {timeout:g}s"
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            return f"error: {exc}"
+        finally:
+            self.lock.release()
+        return None
 
     def close(self) -> None:
         with self.lock:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from certs import issue_device
@@ -94,8 +93,7 @@ def fleet(embedded: Endpoint, pki: Pki, tmp_path: Path) -> Iterator[Fleet]:
         result = Fleet(controller, agents, ports)
         wait_until(lambda: {n["id"] for n in controller.get("/nodes") if n["status"] == "online"} >= set(NODES),
                    30, "controller sees every agent online")  # fmt: skip
-        labelled = httpx.patch(f"{controller.url}/nodes/gw-e1/labels", json={"ring": "canary"}, timeout=10)
-        assert labelled.status_code == 200, labelled.text
+        controller.patch("/nodes/gw-e1/labels", {"ring": "canary"})
         yield result
     finally:
         for agent in agents.values():

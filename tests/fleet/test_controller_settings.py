@@ -117,7 +117,8 @@ def test_flags_override_the_environment(tmp_path: Path) -> None:
         (
             FILE + "surprise: 1\n",
             {},
-            "controller.yaml: surprise: unknown setting (known here: broker, storage, releases, timing, http)",
+            "controller.yaml: surprise: unknown setting"
+            " (known here: broker, storage, releases, timing, http, metrics, log)",
         ),
         (
             FILE.replace("port: 8884", "port: 70000"),

@@ -1,21 +1,30 @@
-"""The operator CLI against a real HTTP server (the in-memory controller), and ``fleet watch`` on a real broker."""
+"""The operator CLI against a real HTTPS server (the in-memory controller), and ``fleet watch`` on a real broker.
+
+The server is the API with TLS from the session PKI; the CLI authenticates with the PKI's operator
+certificate (``--certs`` via FLEET_CERTS, an admin) unless a test sets FLEET_TOKEN.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 import pytest
 import typer
+import yaml
 from typer.testing import CliRunner, Result
 
-from fleet.cli import ops_cmd, watch_cmd
-from fleet.controller.api import create_app, serve_in_thread
+from certs import AccessRole, issue_operator
+from fleet.cli import ops_cmd, token_cmd, watch_cmd
+from fleet.controller.api import TlsFiles, allowed_hosts, create_app, serve_in_thread
+from fleet.controller.auth import CertificateAuthenticator
 from tests.conftest import Pki, free_port
-from tests.fleet.test_api import MemoryController
+from tests.fleet.apisupport import Access, MemoryController, memory_access
 from tests.mqtt import Endpoint, connected
 
 pytestmark = pytest.mark.timeout(30)
@@ -28,23 +37,44 @@ def cli() -> typer.Typer:
     app.command("node")(ops_cmd.node)
     app.command("label")(ops_cmd.label)
     app.command("send")(ops_cmd.send)
+    app.command("cancel")(ops_cmd.cancel)
     app.command("watch")(watch_cmd.watch)
+    app.command("audit")(token_cmd.audit)
+    app.command("whoami")(token_cmd.whoami)
     app.add_typer(ops_cmd.rollout_app, name="rollout")
+    app.add_typer(token_cmd.app, name="token")
     return app
 
 
 @pytest.fixture
-def controller(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    server = serve_in_thread(create_app(MemoryController()), "127.0.0.1", 0)
+def memory() -> MemoryController:
+    return MemoryController()
+
+
+@pytest.fixture
+def access(memory: MemoryController, pki: Pki) -> Access:
+    tls = TlsFiles(pki.paths.server_cert, pki.paths.server_key, pki.paths.ca_cert)
+    return memory_access(
+        memory, certificates=CertificateAuthenticator(pki.paths), hosts=allowed_hosts("127.0.0.1", tls, [])
+    )
+
+
+@pytest.fixture
+def controller(memory: MemoryController, access: Access, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    tls = TlsFiles(pki.paths.server_cert, pki.paths.server_key, pki.paths.ca_cert)
+    server = serve_in_thread(create_app(memory, access.security), "127.0.0.1", 0, tls=tls)
     monkeypatch.setenv("FLEET_CONTROLLER", server.url)
+    monkeypatch.setenv("FLEET_CERTS", str(pki.paths.root))
+    monkeypatch.delenv("FLEET_TOKEN", raising=False)
+    monkeypatch.delenv("FLEET_IDENTITY", raising=False)
     try:
         yield server.url
     finally:
         server.stop()
 
 
-def run(*args: str) -> Result:
-    return CliRunner().invoke(cli(), list(args))
+def run(*args: str, stdin: str | None = None) -> Result:
+    return CliRunner().invoke(cli(), list(args), input=stdin)
 
 
 def ok(*args: str) -> Result:
@@ -65,10 +95,34 @@ def test_nodes_table_and_json(controller: str) -> None:
     assert [node["id"] for node in data] == ["gw-0001", "gw-0002"]
 
 
-def test_node_detail(controller: str) -> None:
+def test_nodes_wide_yaml_filters_and_kubectl_selectors(controller: str) -> None:
+    wide = ok("nodes", "-o", "wide").stdout
+    assert "UPDATE STATE" in wide and "MEM FREE" in wide and "22.7 GiB" in wide and "1m 9s" in wide
+    as_yaml = yaml.safe_load(ok("nodes", "-l", "ring notin (canary)", "-o", "yaml").stdout)
+    assert [node["id"] for node in as_yaml] == ["gw-0002", "gw-0003"]
+    assert as_yaml[0]["last_seen"].endswith("Z") and "T" in as_yaml[0]["last_seen"]  # ISO-8601
+    assert [n["id"] for n in json.loads(ok("nodes", "--status", "offline", "-o", "json").stdout)] == ["gw-0003"]
+    assert json.loads(ok("nodes", "-l", "!ring", "-o", "json").stdout) == []
+
+
+def test_nodes_watch_prints_each_change_until_the_timeout(controller: str) -> None:
+    lines = ok("nodes", "--watch", "--interval", "0.05", "--timeout", "0.3", "-o", "json").stdout.splitlines()
+    assert len(lines) == 1  # nothing changed: one snapshot
+    assert [node["id"] for node in json.loads(lines[0])] == ["gw-0001", "gw-0002", "gw-0003"]
+
+
+def test_node_detail_events_health_transitions_and_human_heartbeat(controller: str) -> None:
     out = ok("node", "gw-0001").stdout
-    assert "gw-0001" in out and "all checks passed" in out and "health history" in out
-    assert json.loads(ok("node", "gw-0001", "-o", "json").stdout)["node"]["labels"]["ring"] == "canary"
+    assert "gw-0001" in out and "all checks passed" in out and "health history (transitions)" in out
+    transitions = [line.split() for line in out.splitlines() if line.strip().endswith(("http: 500", "passed"))]
+    assert [row[1:3] for row in transitions] == [["unhealthy", "1"], ["healthy", "1"]]
+    assert any(line.split()[1:3] == ["healthy", "2"] for line in out.splitlines() if line.strip())  # the first run
+    assert "update.downloading" in out and "update.installed" in out and "update events" in out
+    assert "uptime 1m 9s, cpu 3.2%, mem free 22.7 GiB, disk free 2.0 GiB, latency 3 ms, seq 7" in out
+    assert "mem_free=" not in out
+    detail = json.loads(ok("node", "gw-0001", "-o", "json").stdout)
+    assert detail["node"]["labels"]["ring"] == "canary"
+    assert detail["events"][0]["ts"].endswith("Z")
 
 
 def test_label_sets_and_removes_operator_labels_shown_apart_from_reported_ones(controller: str) -> None:
@@ -122,17 +176,52 @@ def test_send_wait_without_terminal_ack_exits_1(controller: str) -> None:
     assert result.stderr.startswith("fleet: no terminal ack for command cmd-") and "(pending)" in result.stderr
 
 
+def test_send_to_a_selector_asks_first_unless_yes(controller: str, memory: MemoryController) -> None:
+    refused = run("send", "-l", "site=plant-3", "restart")  # no terminal to ask on
+    assert refused.exit_code == 2 and "would go to 2 nodes (gw-0001, gw-0002); add --yes" in refused.stderr
+    declined = run("send", "-l", "site=plant-3", "restart", stdin="n\n")
+    assert declined.exit_code in (1, 2) and memory.sent == 0
+    sent = json.loads(ok("send", "-l", "site=plant-3", "ping", "--yes", "--wait", "5s", "-o", "json").stdout)
+    assert sorted(command["node"] for command in sent) == ["gw-0001", "gw-0002"]
+    assert {command["status"] for command in sent} == {"done"} and memory.sent == 2
+    nothing = run("send", "-l", "site=mars", "ping", "--yes")
+    assert nothing.exit_code == 2 and "matches no node" in nothing.stderr
+    assert run("send", "gw-0001").exit_code == 2  # NODE without ACTION
+    assert run("send", "-l", "site=plant-3", "gw-0001", "ping").exit_code == 2
+
+
+def test_cancel_a_pending_command(controller: str) -> None:
+    sent = json.loads(ok("send", "gw-0003", "ping", "-o", "json").stdout)
+    assert json.loads(ok("cancel", sent["id"], "-o", "json").stdout)["status"] == "cancelled"
+    again = run("cancel", sent["id"])
+    assert again.exit_code == 1 and "only a pending command can be cancelled" in again.stderr
+
+
 def test_rollout_start_status_pause_resume_abort(controller: str) -> None:
     args = ("--selector", "site=plant-3", "--waves", "50%,100%", "--soak", "0", "--wave-timeout", "5m")
     started = json.loads(ok("rollout", "start", "app@1.2.0", *args, "--health-timeout", "90s", "-o", "json").stdout)
     rid = started["id"]
     assert started["state"] == "running" and started["selector"] == {"site": "plant-3"}
+    assert started["created"].endswith("Z")
     assert rid in ok("rollout", "ls").stdout
     assert "paused" in ok("rollout", "pause", rid).stdout
     status = ok("rollout", "status", rid).stdout
     assert f"rollout {rid}" in status and "paused" in status and "SUCCEEDED" in status and "PENDING" in status
+    assert "started by operator (certificate)" in status and "paused by operator (certificate)" in status
     assert "running" in ok("rollout", "resume", rid).stdout
     assert json.loads(ok("rollout", "abort", rid, "-o", "json").stdout)["state"] == "aborted"
+    assert rid in ok("rollout", "ls", "--state", "aborted").stdout
+    assert rid not in ok("rollout", "ls", "--state", "running").stdout
+
+
+def test_rollout_dry_run_prints_the_waves_and_starts_nothing(controller: str, memory: MemoryController) -> None:
+    out = ok("rollout", "start", "app@1.2.0", "-l", "site=plant-3", "--dry-run").stdout
+    assert "dry run" in out and "nothing started" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])}
+    assert "gw-0001 (canary)" in rows["1"] and "gw-0002" in rows["2"]
+    assert memory.rollouts() == []
+    plan = json.loads(ok("rollout", "start", "app@1.2.0", "-l", "site=plant-3", "--dry-run", "-o", "json").stdout)
+    assert [wave["nodes"] for wave in plan["waves"]] == [["gw-0001"], ["gw-0002"]]
 
 
 def test_rollout_status_watch_runs_until_finished(controller: str) -> None:
@@ -140,21 +229,90 @@ def test_rollout_status_watch_runs_until_finished(controller: str) -> None:
     out = ok("rollout", "status", rid, "--watch", "--interval", "0.05").stdout
     headers = [line for line in out.splitlines() if line.startswith(f"rollout {rid}")]
     assert "running" in headers[0] and "succeeded" in headers[-1]  # one snapshot per change, the last one final
-    assert out.rstrip().endswith("100%")
+    assert "100%" in out
     lines = ok("rollout", "status", rid, "--watch", "-o", "json").stdout.splitlines()
     assert json.loads(lines[-1])["state"] == "succeeded"
+
+
+def test_rollout_status_watch_exits_1_on_abort_and_on_timeout(controller: str) -> None:
+    rid = json.loads(ok("rollout", "start", "app@1.2.0", "-l", "site=plant-3", "-o", "json").stdout)["id"]
+    ok("rollout", "pause", rid)
+    timed_out = run("rollout", "status", rid, "--watch", "--interval", "0.05", "--timeout", "0.3")
+    assert timed_out.exit_code == 1 and f"rollout {rid} still paused at the --timeout" in timed_out.stderr
+    ok("rollout", "abort", rid)
+    aborted = run("rollout", "status", rid, "--watch", "-o", "json")
+    assert aborted.exit_code == 1
+    assert aborted.stderr == f"fleet: rollout {rid} aborted: aborted by the operator\n"
+    assert json.loads(aborted.stdout.splitlines()[-1])["state"] == "aborted"
+
+
+# ---- credentials, tokens, audit ----
+
+
+def test_tokens_created_used_listed_revoked_and_audited(controller: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    created = ok("token", "create", "ci", "--role", "operator", "--expires", "30d")
+    token = created.stdout.strip()
+    assert token.startswith("fleet_") and "shown this once" in created.stderr
+    assert "ci" in ok("token", "ls").stdout
+    monkeypatch.setenv("FLEET_TOKEN", token)
+    assert ok("whoami").stdout.strip() == "ci (token, role operator)"
+    rid = json.loads(ok("rollout", "start", "app@1.2.0", "-l", "site=plant-3", "-o", "json").stdout)["id"]
+    refused = run("token", "ls")  # an operator token cannot manage tokens
+    assert refused.exit_code == 3 and "has role operator; this needs admin" in refused.stderr
+    monkeypatch.delenv("FLEET_TOKEN")
+    entries = json.loads(ok("audit", "--since", "1h", "--target", rid, "-o", "json").stdout)
+    assert [(e["actor"], e["via"], e["action"], e["outcome"]) for e in entries] == [
+        ("ci", "token", "start_rollout", "ok")
+    ]
+    assert "create_token" in ok("audit", "--action", "create_token").stdout
+    assert json.loads(ok("token", "revoke", "ci", "-o", "json").stdout)["revoked_at"].endswith("Z")
+    time.sleep(1.1)  # the token table is re-read at most once a second
+    monkeypatch.setenv("FLEET_TOKEN", token)
+    gone = run("nodes")
+    assert gone.exit_code == 3 and "token 'ci' was revoked" in gone.stderr
+
+
+def test_a_viewer_certificate_may_read_but_not_write(controller: str, pki: Pki, memory: MemoryController) -> None:
+    if not pki.paths.operator("cli-viewer").cert.exists():
+        issue_operator(pki.paths, "cli-viewer", access=AccessRole.VIEWER)
+    assert "3 nodes" in ok("nodes", "--identity", "cli-viewer").stdout
+    refused = run("send", "gw-0001", "restart", "--identity", "cli-viewer")
+    assert refused.exit_code == 3
+    assert refused.stderr == "fleet: error: certificate 'cli-viewer' has role viewer; this needs operator\n"
+    assert memory.sent == 0
+    missing = run("nodes", "--identity", "nobody")
+    assert missing.exit_code == 2 and "operators/nobody/cert.pem: no such file" in missing.stderr
+
+
+def test_no_credentials_a_bad_token_and_an_untrusted_server_exit_3(
+    controller: str, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca_only = tmp_path / "ca-only"  # what a CI machine holds: the CA, no operator certificate
+    ca_only.mkdir()
+    shutil.copy(pki.paths.ca_cert, ca_only / "ca.pem")
+    nobody = run("nodes", "--certs", str(ca_only))
+    assert nobody.exit_code == 3 and "no credentials" in nobody.stderr and "set FLEET_TOKEN" in nobody.stderr
+    monkeypatch.setenv("FLEET_TOKEN", "fleet_0123456789abcdef_" + "A" * 43)
+    wrong = run("nodes", "--certs", str(ca_only))
+    assert (wrong.exit_code, wrong.stderr.split(" (")[0]) == (3, "fleet: error: unknown token")
+    monkeypatch.delenv("FLEET_CERTS")
+    untrusted = run("nodes")  # the system trust store does not know the fleet CA
+    assert untrusted.exit_code == 3 and "certificate is not trusted" in untrusted.stderr
 
 
 # ---- errors ----
 
 
-def test_http_error_is_one_line_with_exit_2(controller: str) -> None:
+def test_http_error_is_one_line_with_its_exit_code(controller: str) -> None:
     result = run("node", "gw-9999")
     assert result.exit_code == 2
     assert result.stderr == "fleet: error: no node 'gw-9999'\n"
     assert result.stdout == ""
-    conflict = run("rollout", "resume", "ro-404")
-    assert (conflict.exit_code, conflict.stderr) == (2, "fleet: error: no rollout 'ro-404'\n")
+    missing = run("rollout", "resume", "ro-404")
+    assert (missing.exit_code, missing.stderr) == (2, "fleet: error: no rollout 'ro-404'\n")
+    rid = json.loads(ok("rollout", "start", "app@1.2.0", "-l", "site=plant-3", "-o", "json").stdout)["id"]
+    conflict = run("rollout", "resume", rid)  # running: a conflict with its state, so the operation failed
+    assert conflict.exit_code == 1 and "cannot go to running" in conflict.stderr
 
 
 @pytest.mark.parametrize(
@@ -164,7 +322,9 @@ def test_http_error_is_one_line_with_exit_2(controller: str) -> None:
         (("rollout", "start", "app@1.2.0", "--waves", "1%,lots"), "--waves 'lots': expected a percentage"),
         (("rollout", "start", "app@1.2.0", "--selector", "ring"), "--selector 'ring': expected key=value"),
         (("send", "gw-0001", "restart", "--arg", "delay:=soon"), "--arg 'delay:=soon': value is not JSON"),
+        (("nodes", "-l", "ring in (a"), "--selector 'ring in (a': '(' without ')'"),
         (("rollout", "start", "app@9.9.9"), "no release 'app@9.9.9' in the store"),
+        (("audit", "--since", "last week"), "--since 'last week': expected a duration ago"),
     ],
 )
 def test_bad_input_is_one_line_with_exit_2(controller: str, args: tuple[str, ...], message: str) -> None:
@@ -173,10 +333,10 @@ def test_bad_input_is_one_line_with_exit_2(controller: str, args: tuple[str, ...
     assert result.stderr.startswith(f"fleet: error: {message}") and result.stderr.count("\n") == 1
 
 
-def test_unreachable_controller_names_the_url() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
+def test_unreachable_controller_names_the_url_and_exits_3() -> None:
+    url = f"https://127.0.0.1:{free_port()}"
     result = run("nodes", "--controller", url)
-    assert result.exit_code == 2
+    assert result.exit_code == 3
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"fleet: error: cannot reach the controller at {url}")
 

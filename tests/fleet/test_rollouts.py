@@ -342,7 +342,7 @@ def test_bad_release_in_wave_1_aborts_and_rolls_back_every_touched_node(sim: Sim
     sim.bad.update(second)
     sim.run_until(lambda: sim.view(view.id).state == RolloutState.ABORTED)
     final = sim.view(view.id)
-    assert final.detail == "2 of 2 finished nodes failed in wave 1 (threshold 5%)"
+    assert final.detail == "2 of 2 finished nodes failed in wave 2 (threshold 5%)"
     touched = wave_nodes(view, sim, 0) + second
     baseline = sim.releases.old.digest
     resets = [node for node, ref in sim.desired.published if ref is not None and ref.digest == baseline]
@@ -372,7 +372,7 @@ def test_health_silence_after_the_update_is_failure_after_health_timeout(sim: Si
     assert HEALTH_TIMEOUT < sim.clock.now - on_target <= HEALTH_TIMEOUT + 1.0
     final = sim.view(view.id)
     assert final.state == RolloutState.ABORTED
-    assert final.detail is not None and "1 of 1 finished nodes failed in wave 0" in final.detail
+    assert final.detail is not None and "1 of 1 finished nodes failed in wave 1" in final.detail
     assert [(n, action) for n, action, *_ in sim.commands.sent] == [(node, "rollback")]
 
 
@@ -448,7 +448,7 @@ def test_threshold_reached_once_enough_nodes_finished(sim: Sim) -> None:
     final = sim.view(view.id)
     assert final.state == RolloutState.ABORTED
     # The good nodes finish together after the soak: 3 of 6 is 50%.
-    assert final.detail == "3 of 6 finished nodes failed in wave 0 (threshold 50%)"
+    assert final.detail == "3 of 6 finished nodes failed in wave 1 (threshold 50%)"
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from certs import issue_device
@@ -134,7 +133,7 @@ REAL = ("gw-sh1", "gw-sh2")
 
 
 def metric(controller: ControllerProcess, name: str) -> float:
-    for line in httpx.get(f"{controller.url}/metrics", timeout=10).text.splitlines():
+    for line in controller.metrics_text().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in {controller.identity}'s metrics")
