@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from agent import failpoints
+from agent import core, failpoints
 from agent.config import AgentSettings
 from agent.outbox import Outbox
 from agent.store import CommandStatus, OutboxKind, Store
@@ -24,15 +24,12 @@ from agent.updater import Updater
 from agent.workload_host import WorkloadHost
 from fleet.protocol.codec import decode_raw, validate
 from fleet.protocol.errors import ConfigError, FleetError, InvalidMessage, Rejected
-from fleet.protocol.messages import Ack, AckStatus, Command
+from fleet.protocol.messages import AckStatus, Command
 from fleet.protocol.topics import Channel
 
 log = logging.getLogger(__name__)
 
 Action = Callable[[Command], Awaitable[str | None]]
-
-# Arguments each action accepts; a rollout's rollback names what it undoes (for the record only).
-ACTION_ARGS: dict[str, frozenset[str]] = {"rollback": frozenset({"release", "from", "to", "reason", "rollout"})}
 
 
 class CommandFailed(FleetError):
@@ -72,20 +69,19 @@ async def restart_workload(workload: WorkloadHost) -> str:
 
 
 async def roll_back(updater: Updater, command: Command) -> str:
-    """Back to the previous release. A rollout names what it undoes (``from``) and where to
-    (``to``): a node that is not on ``from`` (never updated, or already rolled back by itself)
-    is left alone, so a rollback never pushes a node below its baseline."""
-    current = updater.current()
-    running = current.version if current is not None else None
-    undo, back_to = command.args.get("from"), command.args.get("to")
-    if undo is not None and running != undo:
-        return f"not running {undo} (running {running or 'the configured workload'}): nothing to roll back"
-    if back_to is not None and running == back_to:
-        return f"already on {back_to}"
-    previous = updater.previous()
-    if back_to is not None and (previous is None or previous.version != back_to):
-        raise CommandFailed(f"release {back_to} is not installed")
-    result = await updater.rollback("rollback command")
+    """Back to the previous release, as ``core.decide_rollback`` says (a rollout's ``from``/``to``
+    leave a node that is not on ``from`` alone: a rollback never pushes it below its baseline)."""
+    current, previous = updater.current(), updater.previous()
+    decision = core.decide_rollback(
+        current.version if current is not None else None,
+        previous.version if previous is not None else None,
+        command.args,
+    )
+    if decision.verdict is core.RollbackVerdict.NOOP:
+        return decision.detail or ""
+    if decision.verdict is core.RollbackVerdict.FAIL:
+        raise CommandFailed(decision.detail or core.NO_PREVIOUS_RELEASE)
+    result = await updater.rollback(core.ROLLBACK_REASON)
     if current is not None:
         updater.mark_left_behind(current.digest)
     return result
@@ -123,25 +119,29 @@ class Commands:
         except InvalidMessage as exc:
             self._refuse(inbound, str(exc))
             return
-        command_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+        command_id = core.refusable_id(raw)
         try:
             self._check_signature(raw)
             command = validate(inbound.topic, raw, Command)
         except InvalidMessage as exc:
             self._refuse(inbound, str(exc))
-            if command_id and len(command_id) <= 128 and not command_id.isspace():
+            if command_id is not None:
                 self._refuse_command(command_id, str(raw.get("action", "?")), AckStatus.REJECTED, exc.reason)
             return
         existing = self.store.record_command(command.id, command.action, inbound.payload, command.expires_at)
-        if existing is not None:
-            self._ack(command.id, AckStatus.DUPLICATE, f"already seen: {existing.status}")
+        intake = core.command_intake(
+            command,
+            earlier=existing.status if existing is not None else None,
+            now=time.time(),
+            actions=self.actions,
+        )
+        if intake.outcome is core.Intake.DUPLICATE:
+            self._ack(command.id, intake.ack, intake.detail)
             self.transport.ack(inbound)
             return
-        problem = self._refusal(command)
-        if problem is not None:
-            status, reason = problem
-            self.store.set_command_status(command.id, CommandStatus(status.value), reason)
-            self._ack(command.id, status, reason)
+        if intake.remember:
+            self.store.set_command_status(command.id, CommandStatus(intake.ack.value), intake.detail)
+            self._ack(command.id, intake.ack, intake.detail)
             self.transport.ack(inbound)
             return
         failpoints.hit("command.received")  # durable, not yet acknowledged to the broker
@@ -153,16 +153,6 @@ class Commands:
         if self.key.configured and (self.settings.require_signed_commands or "signature" in raw):
             self.key.verify(raw)
 
-    def _refusal(self, command: Command) -> tuple[AckStatus, str] | None:
-        if command.expires_at is not None and command.expires_at < time.time():
-            return AckStatus.EXPIRED, f"expired at {command.expires_at:.0f}"
-        if command.action not in self.actions:
-            return AckStatus.REJECTED, f"unknown action {command.action!r}; known: {', '.join(sorted(self.actions))}"
-        unexpected = set(command.args) - ACTION_ARGS.get(command.action, frozenset())
-        if unexpected:
-            return AckStatus.REJECTED, f"{command.action} does not take {', '.join(sorted(unexpected))}"
-        return None
-
     def _refuse_command(self, command_id: str, action: str, status: AckStatus, reason: str) -> None:
         self.store.record_refused(command_id, action[:64], CommandStatus(status.value), reason)
         self._ack(command_id, status, reason)
@@ -170,9 +160,8 @@ class Commands:
     def recover(self) -> None:
         """After a crash: run what was stored but never started; never repeat what had started."""
         for record in self.store.commands_in(CommandStatus.EXECUTING):
-            detail = "interrupted: the agent stopped while executing it; not repeated"
-            self.store.set_command_status(record.id, CommandStatus.FAILED, detail)
-            self._ack(record.id, AckStatus.FAILED, detail)
+            self.store.set_command_status(record.id, CommandStatus.FAILED, core.INTERRUPTED)
+            self._ack(record.id, AckStatus.FAILED, core.INTERRUPTED)
         for record in self.store.commands_in(CommandStatus.RECEIVED):
             if record.payload is None:
                 continue
@@ -195,12 +184,11 @@ class Commands:
         try:
             detail = await self.actions[command.action](command)
         except (Rejected, CommandFailed, ConfigError, UpdateFailed) as exc:
-            self.store.set_command_status(command.id, CommandStatus.FAILED, str(exc))
-            self._ack(command.id, AckStatus.FAILED, str(exc))
-            return
-        self.store.set_command_status(command.id, CommandStatus.DONE, detail)
-        self._ack(command.id, AckStatus.DONE, detail)
+            status, outcome = core.result(error=str(exc))
+        else:
+            status, outcome = core.result(detail)
+        self.store.set_command_status(command.id, CommandStatus(status.value), outcome)
+        self._ack(command.id, status, outcome)
 
     def _ack(self, command_id: str, status: AckStatus, detail: str | None) -> None:
-        ack = Ack(id=command_id, status=status, detail=detail, ts=time.time())
-        self.outbox.enqueue(Channel.ACK, ack, OutboxKind.ACK)
+        self.outbox.enqueue(Channel.ACK, core.ack(command_id, status, detail, time.time()), OutboxKind.ACK)

@@ -1,9 +1,9 @@
 """The device side of the protocol as decisions without I/O: one core for the agent and ``fleet sim``.
 
 Everything here is a plain function or a small value object: no sockets, files, asyncio or clocks
-(``now`` is passed in). The agent (``agent.daemon``, ``agent.updater``) and the simulator
-(``fleet.tools.sim``) call the same functions, so a simulated device decides exactly what a real
-one decides:
+(``now`` is passed in). The agent (``agent.desired``, ``agent.commands``, ``agent.updater`` and
+``agent.update``) and the simulator (``fleet.tools.sim``) call the same functions, so a simulated
+device decides exactly what a real one decides:
 
 - desired state: apply a newer generation, ignore a replay of the applied one, ignore (and count)
   a stale one (:func:`accept_desired`);

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import core
 from agent.config import AgentSettings, parse_duration
 from agent.files import write_atomically
 from agent.outbox import Outbox
@@ -155,11 +156,12 @@ class Desired:
             self._refuse(inbound, str(exc))
             self.telemetry.event("desired_rejected", str(exc))
             return
-        applied = self.state.generation if self.state is not None else -1
-        if desired.generation <= applied:
-            if desired.generation < applied:
-                self.counters["stale_desired"] += 1
-                log.warning("%s: ignored desired generation %d (applied %d)", self.node, desired.generation, applied)
+        decision = core.accept_desired(self.state.generation if self.state is not None else None, desired.generation)
+        if not decision.apply:
+            if decision.counter is not None:
+                self.counters[decision.counter] += 1
+            if decision.reason is not None:
+                log.warning("%s: %s", self.node, decision.reason)
             self.transport.ack(inbound)
             return
         self.store.put(DESIRED_KEY, encode_document(raw))

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from agent import failpoints
+from agent import core, failpoints
 from agent.config import AgentSettings
 from agent.probes import HealthMonitor
 from agent.store import Store
@@ -81,14 +81,19 @@ class Updater:
             await self._wake.wait()
 
     def _wants(self, target: ReleaseRef) -> bool:
-        if target.digest == self.store.get_text(DIGEST):
-            return False
-        failed = self.store.get(FAILED_KEY)
-        if failed is not None:
-            record = json.loads(failed)
-            if record["digest"] == target.digest and record["generation"] == self._generation:
-                return False  # failed or rolled back for this generation: wait for a new one
-        return True
+        """Whether converging to ``target`` takes anything (``core.plan_update``): not when it runs
+        already, nor when it failed or was rolled back for this generation (wait for a new one)."""
+        stored = self.store.get(FAILED_KEY)
+        record = json.loads(stored) if stored is not None else None
+        failed = (str(record["digest"]), int(record["generation"])) if record is not None else None
+        plan = core.plan_update(
+            target,
+            self._generation,
+            running=self.store.get_text(DIGEST),
+            installed=(target.digest,) if self.releases.installed(target) is not None else (),
+            failed=failed,
+        )
+        return plan is not core.UpdatePlan.NONE
 
     async def _attempt(self, target: ReleaseRef, generation: int) -> None:
         try:
@@ -141,9 +146,7 @@ class Updater:
                 if https:  # the same URL would serve the same wrong bytes
                     self.downloader.fall_back(target, f"artifact from {target.url} refused: {exc}")
                     https = False
-        raise UpdateFailed(
-            f"artifact for {target.version} failed verification {self.settings.update.max_failures} times"
-        )
+        raise UpdateFailed(core.artifact_refused(target.version, self.settings.update.max_failures))
 
     # ---- on demand -------------------------------------------------------------------------
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import time
 from pathlib import Path
 
-from agent import failpoints
+from agent import core, failpoints
 from agent.config import AgentSettings
 from agent.store import Download, Store
 from agent.transport import Inbound, Transport
@@ -45,13 +44,6 @@ def delta_base(current: Release | None, target: ReleaseRef) -> str | None:
     if current is None or current.digest not in target.delta_bases:
         return None
     return current.digest if (current.directory / ".fleet" / "payload.tar").is_file() else None
-
-
-def first_missing(have: set[int], total: int | None) -> int:
-    index = 0
-    while index in have and (total is None or index < total):
-        index += 1
-    return index
 
 
 class Downloader:
@@ -97,10 +89,7 @@ class Downloader:
         except InvalidMessage as exc:
             log.warning("%s: ignored artifact chunk: %s", self.node, exc)
             return
-        if chunk.error is not None:
-            self._server_error = chunk.error
-        else:
-            self._store_chunk(chunk)
+        self._store_chunk(chunk)
         self._chunk_arrived.set()
 
     # ---- over HTTPS ------------------------------------------------------------------------
@@ -145,7 +134,7 @@ class Downloader:
         failures = 0
         try:
             while not self.complete(target.digest):
-                index = first_missing(self.store.stored_chunks(target.digest), wanted.total)
+                index = core.first_missing(self.store.stored_chunks(target.digest), wanted.total)
                 start = index * target.chunk_size
                 length = min(target.chunk_size, wanted.size - start)
                 try:
@@ -174,20 +163,25 @@ class Downloader:
         try:
             while not self.complete(target.digest):
                 await self.transport.wait_connected()
-                have = self.store.stored_chunks(target.digest)
                 download = self.store.download(target.digest)
-                first = first_missing(have, download.total if download else None)
-                window = self.settings.update.window
-                self._request(ArtifactRequest(digest=target.digest, first=first, window=window, delta_base=base))
-                progressed = await self._wait_for_chunks(target.digest, len(have))
-                if self._server_error is not None:
-                    error, self._server_error = self._server_error, None
+                ask = core.ask_window(
+                    self.store.stored_chunks(target.digest),
+                    download.total if download else None,
+                    self.settings.update.window,
+                    now=time.monotonic(),
+                    connection=self.transport.connects,
+                )
+                self._request(ask.request(target.digest, base))
+                status, held = await self._wait_for_chunks(target.digest, ask)
+                if status is core.WindowStatus.SERVER_ERROR:
+                    error, self._server_error = self._server_error or "", None
                     failures += 1
                     self.hooks.event("download_error", error, {"version": target.version})
-                    if failures >= self.settings.update.max_failures:
-                        raise UpdateFailed(f"release server: {error}")
-                    await asyncio.sleep(min(30.0, 2.0**failures))
-                elif not progressed:
+                    wait = core.after_server_error(failures, self.settings.update.max_failures)
+                    if wait is None:
+                        raise UpdateFailed(core.server_error_reason(error))
+                    await asyncio.sleep(wait)
+                elif not core.progressed(ask, status, held):
                     log.info("%s: no chunks of %s arrived; asking again", self.node, target.version)
         finally:
             self._downloading = None
@@ -197,35 +191,52 @@ class Downloader:
         with contextlib.suppress(TransportError):
             self.transport.publish(node_topic(self.node, Channel.ARTIFACT_REQ), encode(request), qos=1)
 
-    async def _wait_for_chunks(self, target: str, had: int) -> bool:
-        """Wait for the requested window (or a stall, or an error); True when anything new arrived."""
-        deadline = time.monotonic() + self.settings.update.request_timeout
-        asked_on = self.transport.connects
+    async def _wait_for_chunks(self, target: str, ask: core.WindowAsk) -> tuple[core.WindowStatus, int]:
+        """Wait until the asked window is filled, complete, timed out, lost to a reconnect or
+        answered with a server error (``core.window_status``); that status and the chunks held."""
+        timeout = self.settings.update.request_timeout
         while True:
             self._chunk_arrived.clear()
-            have = len(self.store.stored_chunks(target))
-            remaining = deadline - time.monotonic()
-            window_done = have - had >= self.settings.update.window
-            if self.transport.connects != asked_on:
-                return True  # reconnected since we asked: what was in flight is lost, ask again now
-            if self._server_error is not None or self.complete(target) or window_done or remaining <= 0:
-                return have > had
+            held = len(self.store.stored_chunks(target))
+            now = time.monotonic()
+            status = core.window_status(
+                ask,
+                held=held,
+                complete=self.complete(target),
+                now=now,
+                timeout=timeout,
+                connection=self.transport.connects,
+                server_error=self._server_error is not None,
+            )
+            if status is not core.WindowStatus.WAITING:
+                return status, held
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._chunk_arrived.wait(), remaining)
+                await asyncio.wait_for(self._chunk_arrived.wait(), core.wait_left(ask, now, timeout))
 
     def _store_chunk(self, chunk: ArtifactChunk) -> None:
         downloading = self._downloading
-        if downloading is None or chunk.digest != downloading.digest:
+        verdict = core.check_chunk(chunk, downloading.digest if downloading is not None else None)
+        if verdict is core.ChunkVerdict.SERVER_ERROR:
+            self._server_error = chunk.error
+            return
+        if verdict is core.ChunkVerdict.STALE or downloading is None:
             return  # a late chunk of an abandoned or finished download
-        if chunk.sha256 is None or chunk.artifact is None or chunk.size is None or chunk.total is None:
+        if verdict is core.ChunkVerdict.INCOMPLETE:
             log.warning("%s: chunk %d lacks its digests; ignored", self.node, chunk.index)
             return
-        if digest_hex(chunk.sha256) != hashlib.sha256(chunk.data).hexdigest():
+        if verdict is core.ChunkVerdict.OUT_OF_RANGE:
+            # Never written: at index * chunk_size it would land past the artifact's end.
+            detail = f"chunk {chunk.index} is past the last of {chunk.total} chunks"
+            log.warning("%s: %s; ignored", self.node, detail)
+            self.hooks.event("chunk_refused", detail, {"index": chunk.index})
+            return
+        if verdict is core.ChunkVerdict.CORRUPT:
             log.warning(
                 "%s: chunk %d of %s fails its digest; will ask again", self.node, chunk.index, chunk.digest[:19]
             )
             self.hooks.event("chunk_refused", f"chunk {chunk.index} digest mismatch", {"index": chunk.index})
             return
+        assert chunk.artifact is not None and chunk.size is not None and chunk.total is not None  # KEEP
         wanted = Download(chunk.digest, chunk.base, chunk.artifact, chunk.size, chunk.total)
         self._start_download(wanted)
         if chunk.index in self.store.stored_chunks(chunk.digest):
@@ -260,7 +271,7 @@ class Downloader:
     def _maybe_report_progress(self, target: str, total: int) -> None:
         now = time.monotonic()
         done = len(self.store.stored_chunks(target))
-        if done < total and now - self._last_progress_report < 1.0:
+        if not core.progress_due(now, self._last_progress_report, done, total):
             return
         self._last_progress_report = now
-        self.hooks.report(UpdateState.DOWNLOADING, f"chunk {done}/{total}", done / total)
+        self.hooks.report(UpdateState.DOWNLOADING, core.progress_detail(done, total), done / total)

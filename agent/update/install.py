@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import failpoints
+from agent import core, failpoints
 from agent.config import AgentSettings
 from agent.files import write_atomically
 from agent.probes import HealthMonitor
@@ -151,7 +151,7 @@ class Installer:
         previous = self.releases.previous()
         current = self.releases.current()
         if current is None:
-            raise UpdateFailed("no previous release")
+            raise UpdateFailed(core.NO_PREVIOUS_RELEASE)
         values: dict[str, bytes | None] = {
             UPDATE_KEY: None,
             PREVIOUS_VERSION: current.version.encode(),
@@ -165,12 +165,12 @@ class Installer:
             self._point_current_at(previous.version)
             values |= {VERSION: previous.version.encode(), DIGEST: previous.digest.encode()}
         self.store.put_many(values)
-        back_to = previous.version if previous is not None else "the configured workload"
+        back_to = previous.version if previous is not None else core.CONFIGURED_WORKLOAD
         log.warning("%s: rolled back from %s to %s: %s", self.node, current.version, back_to, reason)
         await self.hooks.run_release(previous)
         self.hooks.event("rolled_back", reason, {"from": current.version, "to": back_to})
         self.hooks.report(UpdateState.ROLLED_BACK, reason, None)
-        return f"rolled back from {current.version} to {back_to}"
+        return core.rolled_back(current.version, previous.version if previous is not None else None)
 
     def _point_current_at(self, version: str) -> None:
         """Switch the ``current`` link with one rename: the one atomic step of a switch."""
