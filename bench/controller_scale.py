@@ -14,7 +14,7 @@ processes, each with its own MQTT connection and controller certificate:
 - the raw baseline: a bare paho subscriber counting ``fleet/v1/nodes/+/heartbeat`` (first run only);
 - the controller: a real ``fleet.controller.Controller`` (registry, tick thread, SQLite, everything
   ``python -m fleet controller`` runs except the HTTP API) in its own process, driven over a pipe so
-  the bench can read ``Controller.metrics()``, time the desired-state fan-out and a registry flush.
+  the bench can read ``Controller.metric_values()``, time the desired-state fan-out and a registry flush.
 
 Targets come from issue 5 ("Benchmarks", part 6 "Scale").
 """
@@ -279,7 +279,7 @@ def controller_main(spec: ControllerSpec, conn: Connection, ingested: Synchroniz
 
 
 def _cmd_metrics(controller: Controller, _spec: ControllerSpec, _arg: Any) -> dict[str, float]:
-    return controller.metrics()
+    return controller.metric_values()
 
 
 def _cmd_fanout(controller: Controller, _spec: ControllerSpec, nodes: list[str]) -> dict[str, Any]:

@@ -4,8 +4,8 @@
 
 Reuses ``fleet.tools.demo``: a fresh PKI, the embedded broker, the controller and N real ``fleet-agent``
 processes; then the demo's first rollout (app@1.0.0 in waves 1, 2, 100%). While it runs,
-``GET /rollouts/{id}`` is sampled every ``--interval`` seconds and each sample's per-wave
-succeeded / failed / pending counts are recorded. Writes OUT/rollout_timeline.json and
+``GET /v1/rollouts/{id}`` (HTTPS, as the demo's operator) is sampled every ``--interval`` seconds
+and each sample's per-wave succeeded / failed / pending counts are recorded. Writes OUT/rollout_timeline.json and
 OUT/rollout_progress.png (Pillow) and prints a summary JSON document on stdout (progress on stderr).
 """
 
@@ -268,7 +268,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
     y = ly + 22 * len(SERIES) + 8
     _dashed_vline(draw, lx + 14, y - 8, y + 8, MARKER)
     draw.text((lx + 36, y), "wave start", fill=INK, font=small, anchor="lm")
-    note = f"sampled every {document['interval_s']:g} s (GET /rollouts/{{id}})"
+    note = f"sampled every {document['interval_s']:g} s (GET /v1/rollouts/{{id}})"
     draw.text((WIDTH - 10, HEIGHT - 10), note, fill=(110, 110, 110), font=_font(12), anchor="rd")
     image.save(path)
 

@@ -25,6 +25,7 @@ import argparse
 import json
 import resource
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -253,36 +254,56 @@ def one_broker(kind: str, pki: Pki, workdir: Path, agents: int, seconds: float, 
 # ---- 2: a 10,000-device fleet with the controller ----------------------------------------------
 
 
-def start_controller(pki: Pki, port: int, workdir: Path, store: Path) -> tuple[subprocess.Popen[bytes], str]:
-    http = free_port()
+@dataclass
+class Api:
+    """The controller's HTTPS API as the PKI's operator (an admin), and its unauthenticated metrics listener."""
+
+    http: httpx.Client
+    metrics_url: str
+
+    def get(self, path: str) -> Any:
+        response = self.http.get(path, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        response = self.http.post(path, json=body, timeout=120)
+        response.raise_for_status()
+        return response.json()
+
+    def metrics(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for line in httpx.get(f"{self.metrics_url}/metrics", timeout=30).text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        return values
+
+
+def start_controller(pki: Pki, port: int, workdir: Path, store: Path) -> tuple[subprocess.Popen[bytes], Api]:
+    http, metrics_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "fleet", "controller", "--certs", str(pki.paths.root), "--broker", f"127.0.0.1:{port}",
         "--db", str(workdir / "fleet.db"), "--store", str(store), "--http", f"127.0.0.1:{http}",
+        "--metrics", f"127.0.0.1:{metrics_port}",
         "--identity", CONTROLLER, "--stale-after", "600", "--offline-after", "1200", "--max-transfers", "16",
     ]  # fmt: skip
     with (workdir / "controller.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http}"
+    context = ssl.create_default_context(cafile=str(pki.paths.ca_cert))
+    context.load_cert_chain(str(pki.paths.operator_cert), str(pki.paths.operator_key))
+    api = Api(httpx.Client(base_url=f"https://127.0.0.1:{http}", verify=context), f"http://127.0.0.1:{metrics_port}")
 
     def up() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"controller exited: {(workdir / 'controller.log').read_text()[-2000:]}")
         try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            return httpx.get(f"{api.metrics_url}/healthz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
     wait_for(up, 60, "controller API", interval=0.2)
-    return process, url
-
-
-def metrics(url: str) -> dict[str, float]:
-    values: dict[str, float] = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            values[key] = float(value)
-    return values
+    return process, api
 
 
 def build_small_release(pki: Pki, workdir: Path, versions: tuple[str, ...] = ("1.0.0",)) -> Path:
@@ -306,14 +327,14 @@ def fleet_run(pki: Pki, workdir: Path, agents: int, connect_rate: float, issue_s
     store = build_small_release(pki, workdir)
     result: dict[str, Any] = {"devices": agents, "cert_issue_s": round(issue_s, 1)}
     with broker_process("mosquitto", pki, workdir / "mosquitto") as (port, broker):
-        controller, url = start_controller(pki, port, workdir, store)
+        controller, api = start_controller(pki, port, workdir, store)
         ctl = psutil.Process(controller.pid)
         try:
             started = time.monotonic()
             sim = start_sim(pki, port, agents, workdir / "sim", heartbeat=60.0, connect_rate=connect_rate)
 
             def online() -> bool:
-                return sim.alive() and metrics(url).get('fleet_nodes{status="online"}', 0) >= agents
+                return sim.alive() and api.metrics().get('fleet_nodes{status="online"}', 0) >= agents
 
             wait_for(online, 900, f"controller sees {agents} devices online", interval=1.0)
             result["controller_sees_all_online_s"] = round(time.monotonic() - started, 1)
@@ -326,22 +347,22 @@ def fleet_run(pki: Pki, workdir: Path, agents: int, connect_rate: float, issue_s
             body = {"release": "app@1.0.0", "waves": ["100%"], "soak": 0, "wave_timeout": 1800, "health_timeout": 600,
                     "max_failures": "1%"}  # fmt: skip
             rollout_started = time.monotonic()
-            rollout = httpx.post(f"{url}/rollouts", json=body, timeout=120).json()
+            rollout = api.post("/v1/rollouts", body)
             result["rollout_create_s"] = round(time.monotonic() - rollout_started, 2)
 
             def finished() -> bool:
-                state = httpx.get(f"{url}/rollouts/{rollout['id']}", timeout=60).json()["state"]
+                state = api.get(f"/v1/rollouts/{rollout['id']}")["state"]
                 return sim.alive() and state in {"succeeded", "aborted"}
 
             wait_for(finished, 1800, "rollout finished", interval=2.0)
-            view = httpx.get(f"{url}/rollouts/{rollout['id']}", timeout=60).json()
+            view = api.get(f"/v1/rollouts/{rollout['id']}")
             result["rollout_to_finished_s"] = round(time.monotonic() - rollout_started, 1)
             result["rollout_state"] = view["state"]
             outcomes: dict[str, int] = {}
             for outcome in view["nodes"].values():
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1
             result["rollout_outcomes"] = outcomes
-            after = metrics(url)
+            after = api.metrics()
             result["artifact_bytes_sent"] = after.get("fleet_artifact_bytes_sent_total")
             result["artifact_requests_dropped"] = after.get("fleet_artifact_requests_dropped_total")
             result["rss_mib_after_rollout"] = {
@@ -352,6 +373,7 @@ def fleet_run(pki: Pki, workdir: Path, agents: int, connect_rate: float, issue_s
             report = sim.stop(SIM_STOP_TIMEOUT)
         finally:
             _stop(controller)
+            api.http.close()
     result["sim"] = {key: report[key] for key in ("connect_time_s", "connect_attempts", "connection_losses",
                                                   "downloads_completed", "downloads_failed", "errors",
                                                   "error_samples")}  # fmt: skip
@@ -412,27 +434,28 @@ def rollback_latency(pki: Pki, workdir: Path, devices: int) -> dict[str, Any]:
     say(f"rollback: {devices} devices, 2.0.0 fails health on all of them")
     store = build_small_release(pki, workdir, versions=("1.0.0", "2.0.0"))
     with broker_process("mosquitto", pki, workdir / "mosquitto") as (port, _broker):
-        controller, url = start_controller(pki, port, workdir, store)
+        controller, api = start_controller(pki, port, workdir, store)
         watcher = Watcher(pki, port, bad="2.0.0", good="1.0.0")
         sim = start_sim(pki, port, devices, workdir / "sim", heartbeat=1.0, fail_version="2.0.0", fail_fraction=1.0)
         try:
-            wait_for(lambda: sim.alive() and metrics(url).get('fleet_nodes{status="online"}', 0) >= devices, 120,
+            wait_for(lambda: sim.alive() and api.metrics().get('fleet_nodes{status="online"}', 0) >= devices, 120,
                      "devices online", interval=0.5)  # fmt: skip
             body = {"waves": ["100%"], "soak": 1, "wave_timeout": 120, "health_timeout": 30, "max_failures": "1"}
-            first = httpx.post(f"{url}/rollouts", json=body | {"release": "app@1.0.0"}, timeout=30).json()
-            wait_for(lambda: rollout_state(url, first["id"]) == "succeeded", 120, "1.0.0 everywhere", interval=0.5)
-            bad = httpx.post(f"{url}/rollouts", json=body | {"release": "app@2.0.0"}, timeout=30).json()
-            aborting_at = wait_for(lambda: rollout_state(url, bad["id"]) in {"aborting", "aborted"}, 120,
+            first = api.post("/v1/rollouts", body | {"release": "app@1.0.0"})
+            wait_for(lambda: rollout_state(api, first["id"]) == "succeeded", 120, "1.0.0 everywhere", interval=0.5)
+            bad = api.post("/v1/rollouts", body | {"release": "app@2.0.0"})
+            aborting_at = wait_for(lambda: rollout_state(api, bad["id"]) in {"aborting", "aborted"}, 120,
                                    "rollout aborting", interval=0.05)  # fmt: skip
             wait_for(lambda: len(watcher.restored_at) >= len(watcher.failed_at) > 0, 120, "devices back on 1.0.0",
                      interval=0.2)  # fmt: skip
-            aborted_at = wait_for(lambda: rollout_state(url, bad["id"]) == "aborted", 120, "rollout aborted",
+            aborted_at = wait_for(lambda: rollout_state(api, bad["id"]) == "aborted", 120, "rollout aborted",
                                   interval=0.2)  # fmt: skip
             baseline_ms = watcher.round_trip_ms()
         finally:
             sim.stop(SIM_STOP_TIMEOUT)
             watcher.close()
             _stop(controller)
+            api.http.close()
     detected = min(watcher.failed_at.values())
     commands = [watcher.rollback_at[n] - watcher.failed_at[n] for n in watcher.failed_at if n in watcher.rollback_at]
     restored = [watcher.restored_at[n] - watcher.failed_at[n] for n in watcher.failed_at if n in watcher.restored_at]
@@ -447,8 +470,8 @@ def rollback_latency(pki: Pki, workdir: Path, devices: int) -> dict[str, Any]:
     }
 
 
-def rollout_state(url: str, rollout_id: str) -> str:
-    return str(httpx.get(f"{url}/rollouts/{rollout_id}", timeout=30).json()["state"])
+def rollout_state(api: Api, rollout_id: str) -> str:
+    return str(api.get(f"/v1/rollouts/{rollout_id}")["state"])
 
 
 def summary_ms(seconds: list[float]) -> dict[str, float | None]:

@@ -79,9 +79,14 @@ class ControllerProcess:
         except httpx.HTTPError:
             return False
 
-    def http(self, *, token: str | None = None, cert: Path | None = None, key: Path | None = None) -> httpx.Client:
-        """A client of the API: the admin certificate, another operator's (``cert``/``key``), or a
-        bearer ``token`` (with no certificate at all). Close it after use."""
+    def http(
+        self, *, token: str | None = None, cert: Path | None = None, key: Path | None = None, anonymous: bool = False
+    ) -> httpx.Client:
+        """A client of the API: the admin certificate, another operator's (``cert``/``key``), a bearer
+        ``token`` (with no certificate at all), or no credentials at all. Close it after use."""
+        if anonymous:
+            verify = ssl.create_default_context(cafile=str(self.pki.paths.ca_cert))
+            return httpx.Client(base_url=self.url, verify=verify, timeout=10)
         if token is not None:
             verify = ssl.create_default_context(cafile=str(self.pki.paths.ca_cert))
             return httpx.Client(

@@ -59,6 +59,12 @@ def test_demo_rolls_out_twice_aborts_the_bad_release_and_cleans_up(tmp_path: Pat
     assert re.search(r"^1\.2\.0\s+aborted\s+1/3\s+1\s+0\s+1\s+0\s+\d\s", out, re.M), out
     assert len(re.findall(r"^\s+[23]/3\s+1\s+0\s+0\s+0\s+0\s+-\s*$", out, re.M)) == 2, out  # waves 2, 3 untouched
     assert "never received 1.2.0" in out
+    # The authenticated way: HTTPS, the operator certificate, then an operator token the audit trail names.
+    assert re.search(r"controller API on https://127\.0\.0\.1:\d+ ", out), out
+    assert "API token demo-rollouts (role operator) created" in out
+    starters = re.findall(r"^app@1\.[012]\.0: started by demo-rollouts \(token, request [0-9a-f]{8}\)$", out, re.M)
+    assert len(starters) == 3, out
+    assert "failed in wave 1 " in out  # numbered as the table numbers it
     assert "demo succeeded" in out
     assert "FAILED" not in out
     assert "killed leftover processes" not in out  # the orderly stop got everything

@@ -55,6 +55,7 @@ from fleet.controller.audit import (
     FAILED,
     MAX_PAGE,
     OK,
+    REPLAY,
     AuditLog,
     AuditRecord,
     IdempotencyStore,
@@ -417,8 +418,8 @@ class Changes:
             ).hexdigest()
             stored = self.security.idempotency.claim(actor, idempotency_key, action, fingerprint)
             if stored is not None:
-                replayed_target = target if isinstance(target, str) else None
-                self.record(request, principal, action, replayed_target, OK, stored.status, "idempotent replay")
+                replayed_target = target if isinstance(target, str) else _created_id(stored.body, stored.status)
+                self.record(request, principal, action, replayed_target, OK, stored.status, REPLAY)
                 return Response(
                     stored.body, status_code=stored.status, media_type="application/json",
                     headers={"Idempotent-Replayed": "true"},
@@ -472,6 +473,17 @@ class Changes:
                 detail=detail,
             )
         )
+
+
+def _created_id(body: str, status: int) -> str | None:
+    """The ``id`` of what a stored answer created (an idempotent replay names the same target)."""
+    if status >= 400:
+        return None
+    try:
+        created = json.loads(body)
+    except ValueError:
+        return None
+    return str(created["id"]) if isinstance(created, dict) and isinstance(created.get("id"), str) else None
 
 
 def _jsonable(value: object) -> object:

@@ -63,6 +63,7 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_created ON idempotency_keys (created
 """
 
 OK, FAILED, DENIED = "ok", "failed", "denied"
+REPLAY = "idempotent replay"  # the detail of an answer sent again for a repeated Idempotency-Key
 ROLLOUT_ACTIONS = ("start_rollout", "pause_rollout", "resume_rollout", "abort_rollout")
 
 
@@ -175,8 +176,8 @@ class AuditLog:
             return found
         rows = self.db.query(
             "SELECT target, action, actor, via, ts, request_id FROM audit"
-            " WHERE target IN (SELECT value FROM json_each(?)) AND outcome = ? ORDER BY seq",
-            (json.dumps(rollout_ids), OK),
+            " WHERE target IN (SELECT value FROM json_each(?)) AND outcome = ? AND detail IS NOT ? ORDER BY seq",
+            (json.dumps(rollout_ids), OK, REPLAY),
         )
         for target, action, actor, via, ts, request_id in rows:
             if action in ROLLOUT_ACTIONS:

@@ -2,7 +2,9 @@
 
 A fresh PKI, the embedded broker, the controller and N real ``fleet-agent`` processes, all as child
 processes logging into the work directory; three releases of a tiny HTTP app (1.0.0 and 1.1.0
-healthy, 1.2.0 failing its health check); then three rollouts through the controller's HTTP API:
+healthy, 1.2.0 failing its health check); then three rollouts through the controller's HTTPS API,
+the authenticated way: the PKI's operator certificate (an admin) labels the canary and creates an
+operator API token, and the token starts the rollouts (the audit trail then names it):
 1.0.0 in three waves, 1.1.0 in three waves (shipped as deltas), and 1.2.0, which must abort in its
 first wave with the canary rolled back and no other node touched. Every check is on what the
 controller and the agents report, not on what the demo asked for.
@@ -18,6 +20,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -36,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from certs import PkiPaths, init_pki, issue_device
-from fleet.controller.facade import NodeOutcome, NodeView, RolloutState, RolloutView, WaveView
+from fleet.controller.facade import NodeOutcome, NodeView, RolloutState, RolloutView, TokenCreated, WaveView
 from fleet.protocol.errors import FleetError
 from fleet.protocol.messages import ProbeSpec
 from fleet.protocol.signing import load_private_key
@@ -295,26 +298,56 @@ def wait_log(child: Child, pattern: str, timeout: float) -> str:
 # --- talking to the controller ------------------------------------------------------------------
 
 
+TOKEN_NAME = "demo-rollouts"  # noqa: S105 - the token's name (the audit trail's actor), not a secret
+
+
 class ControllerApi:
-    def __init__(self, url: str) -> None:
-        self.client = httpx.Client(base_url=url, timeout=10)
+    """The controller's HTTPS API as an operator uses it: the PKI's CA verifies the server, the
+    operator certificate of ``fleet certs init`` (an admin) authenticates; ``use_token`` switches to
+    an API token, the way a script or CI job calls it."""
+
+    def __init__(self, url: str, pki: PkiPaths) -> None:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.load_cert_chain(str(pki.operator_cert), str(pki.operator_key))
+        self.client = httpx.Client(base_url=url, timeout=10, verify=context)
+        self.tokened: httpx.Client | None = None
+        self.pki = pki
+        self.url = url
 
     def close(self) -> None:
         self.client.close()
+        if self.tokened is not None:
+            self.tokened.close()
+
+    def create_token(self, name: str, role: str) -> str:
+        response = self.client.post("/v1/tokens", json={"name": name, "role": role, "expires_in": 86400})
+        if response.status_code != 201:
+            raise DemoFailed("start", f"creating token {name}: HTTP {response.status_code}: {response.text}")
+        return TokenCreated.model_validate(response.json()).token
+
+    def use_token(self, token: str) -> None:
+        """Changes from now on as the token: no client certificate, ``Authorization: Bearer``."""
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        headers = {"Authorization": f"Bearer {token}"}
+        self.tokened = httpx.Client(base_url=self.url, timeout=10, verify=context, headers=headers)
+
+    @property
+    def changes(self) -> httpx.Client:
+        return self.tokened or self.client
 
     def nodes(self) -> list[NodeView]:
-        response = self.client.get("/nodes", params={"selector": "demo=yes"})
+        response = self.client.get("/v1/nodes", params={"selector": "demo=yes", "limit": 1000})
         response.raise_for_status()
-        return [NodeView.model_validate(item) for item in response.json()]
+        return [NodeView.model_validate(item) for item in response.json()["items"]]
 
     def rollout(self, rollout_id: str) -> RolloutView:
-        response = self.client.get(f"/rollouts/{rollout_id}")
+        response = self.client.get(f"/v1/rollouts/{rollout_id}")
         response.raise_for_status()
         return RolloutView.model_validate(response.json())
 
     def label(self, node: str, labels: dict[str, str]) -> None:
         """Set operator labels: only an operator's ``ring=canary`` makes a node a canary."""
-        response = self.client.patch(f"/nodes/{node}/labels", json=labels)
+        response = self.client.patch(f"/v1/nodes/{node}/labels", json=labels)
         if response.status_code != 200:
             raise DemoFailed("start", f"labelling {node}: HTTP {response.status_code}: {response.text}")
 
@@ -322,7 +355,9 @@ class ControllerApi:
         body = {"release": release, "selector": SELECTOR, "waves": WAVES, "soak": timings.soak,
                 "wave_timeout": timings.wave_timeout, "health_timeout": timings.health_timeout,
                 "max_failures": "1"}  # fmt: skip
-        response = self.client.post("/rollouts", json=body)
+        # An idempotency key: a retry after a lost answer would get the same rollout, not a second one.
+        key = {"Idempotency-Key": f"demo-{release}"}
+        response = self.changes.post("/v1/rollouts", json=body, headers=key)
         if response.status_code not in (200, 201):
             raise DemoFailed(f"start {release}", f"HTTP {response.status_code}: {response.text}")
         return RolloutView.model_validate(response.json())
@@ -411,7 +446,7 @@ class Demo:
         self.progress.say(f"PKI, {len(self.nodes)} device certificates and releases "
                           f"{', '.join(plan.version for plan in RELEASES)} built")  # fmt: skip
         broker_port = self.start_broker()
-        self.api = ControllerApi(self.start_controller(broker_port))
+        self.api = ControllerApi(self.start_controller(broker_port), self.pki)
         for node in self.nodes:
             self.start_agent(node, broker_port)
         self.wait_online()
@@ -426,11 +461,14 @@ class Demo:
     def start_controller(self, broker_port: int) -> str:
         argv = [sys.executable, "-m", "fleet", "controller", "--certs", str(self.pki.root),
                 "--broker", f"127.0.0.1:{broker_port}", "--db", str(self.workdir / "fleet.db"),
-                "--store", str(self.store), "--http", "127.0.0.1:0",
+                "--store", str(self.store), "--http", "127.0.0.1:0", "--metrics", "127.0.0.1:0",
                 "--stale-after", "5", "--offline-after", "15"]  # fmt: skip
         child = self.children.spawn("controller", "controller", argv, self.workdir / "controller.log")
-        url = wait_log(child, r"controller API on (http://\S+)", self.timings.startup)
-        self.progress.say(f"controller API on {url}")
+        url = wait_log(child, r"controller API on (https://\S+)", self.timings.startup)
+        metrics = wait_log(child, r"controller metrics on (http://\S+)", self.timings.startup)
+        self.progress.say(f"controller API on {url} (HTTPS: an operator certificate or an API token)")
+        self.progress.say(f"  reach it (with --keep): FLEET_CONTROLLER={url} FLEET_CERTS={self.pki.root} fleet nodes")
+        self.progress.say(f"  Prometheus metrics, no credentials: {metrics}")
         return url
 
     def start_agent(self, node: str, broker_port: int) -> None:
@@ -477,6 +515,8 @@ class Demo:
         self.progress.say(
             f"{len(self.nodes)} agents online ({self.nodes[0]} is the canary: operator label ring=canary)"
         )
+        self.controller.use_token(self.controller.create_token(TOKEN_NAME, "operator"))
+        self.progress.say(f"API token {TOKEN_NAME} (role operator) created; the rollouts are started with it")
 
     @property
     def controller(self) -> ControllerApi:
@@ -505,6 +545,9 @@ class Demo:
         started = time.monotonic()
         view = self.watch(step, self.controller.start_rollout(step.release, self.timings).id)
         result.view, result.seconds = view, time.monotonic() - started
+        starter = next((action for action in view.actions if action.action == "start_rollout"), None)
+        if starter is None or starter.actor != TOKEN_NAME:
+            raise DemoFailed(step.name, f"the audit trail does not name {TOKEN_NAME} as the starter: {view.actions}")
         if step.expect_abort:
             result.note = self.check_aborted(step, view, before)
             result.seconds = time.monotonic() - started
@@ -727,6 +770,10 @@ def _finish(demo: Demo, options: DemoOptions, temporary: bool, seconds: float, c
     if demo.results:
         demo.console.print(summary_table(demo.results))
         for result in demo.results:
+            starters = [a for a in result.view.actions if a.action == "start_rollout"] if result.view else []
+            if starters:
+                who = f"started by {starters[0].actor} ({starters[0].via}, request {starters[0].request_id[:8]})"
+                demo.console.print(f"{result.step.release}: {who}", highlight=False)
             if result.note:
                 demo.console.print(f"{result.step.release}: {result.note}", highlight=False)
     verdict = {0: "[green bold]demo succeeded[/green bold]", 1: "[red bold]demo FAILED[/red bold]"}.get(
