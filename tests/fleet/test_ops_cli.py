@@ -6,8 +6,14 @@ certificate (``--certs`` via FLEET_CERTS, an admin) unless a test sets FLEET_TOK
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +29,7 @@ from certs import AccessRole, issue_operator
 from fleet.cli import ops_cmd, token_cmd, watch_cmd
 from fleet.controller.api import TlsFiles, allowed_hosts, create_app, serve_in_thread
 from fleet.controller.auth import CertificateAuthenticator
+from fleet.controller.logs import JsonFormatter
 from tests.conftest import Pki, free_port
 from tests.fleet.apisupport import Access, MemoryController, memory_access
 from tests.mqtt import Endpoint, connected
@@ -378,3 +385,37 @@ def test_watch_missing_identity_is_one_line(pki: Pki) -> None:
     result = run("watch", "#", "--broker", "127.0.0.1:1", "--certs", str(pki.paths.root), "--identity", "nobody")
     assert result.exit_code == 2
     assert "operators/nobody/cert.pem: no such file" in result.stderr and result.stderr.count("\n") == 1
+
+
+# ---- the fleet entry point: version, completion, help ----
+
+
+def fleet_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; sys.argv[0] = 'fleet'\nfrom fleet.cli import main; main()", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "COLUMNS": "200", "TERM": "dumb", **(env or {})},
+    )  # fmt: skip
+
+
+def test_version_completion_and_exit_codes_in_help() -> None:
+    version = fleet_process("--version")
+    assert version.returncode == 0 and re.fullmatch(r"fleet \d+\.\d+\.\d+\S*\n", version.stdout)
+    completion = {"_FLEET_COMPLETE": "complete_bash", "COMP_WORDS": "fleet rollout st", "COMP_CWORD": "2"}
+    completed = fleet_process(env=completion)
+    assert completed.returncode == 0 and {"start", "status"} <= set(completed.stdout.split()), completed
+    options = fleet_process(env={**completion, "COMP_WORDS": "fleet nodes --", "COMP_CWORD": "2"})
+    assert {"--selector", "--watch", "--output"} <= set(options.stdout.split()), options
+    shown = fleet_process("--help").stdout
+    assert "--install-completion" in shown and "Exit codes: 0 success; 1 the operation failed" in shown
+    assert "3 controller unreachable or credentials refused" in " ".join(shown.split())
+
+
+def test_controller_json_logs_carry_the_agents_fields() -> None:
+    handler_output = io.StringIO()
+    record = logging.LogRecord("fleet.controller.api", logging.WARNING, __file__, 1, "a %s", ("b",), None)
+    handler = logging.StreamHandler(handler_output)
+    handler.setFormatter(JsonFormatter())
+    handler.emit(record)
+    line = json.loads(handler_output.getvalue())
+    assert line == {"ts": round(record.created, 3), "level": "warning", "logger": "fleet.controller.api", "msg": "a b"}
