@@ -117,6 +117,11 @@ class DesiredState(Message):
     health: ProbeSpec | None = None
     signature: str | None = None
     issued_at: Timestamp | None = None
+    # Binding (fleet.protocol.signing): the node and the channel the signed document is for, so a
+    # document signed for one node or channel is refused on another. Optional on the wire (an
+    # agent with ``insecure_unsigned_control`` reads unsigned documents without them).
+    node: str | None = Field(default=None, max_length=64)
+    kind: str | None = Field(default=None, max_length=32)
 
 
 class Reported(Message):
@@ -181,6 +186,8 @@ class Command(Message):
     expires_at: Timestamp | None = None
     signature: str | None = None
     issued_at: Timestamp | None = None
+    node: str | None = Field(default=None, max_length=64)  # binding, as in DesiredState
+    kind: str | None = Field(default=None, max_length=32)
 
 
 class Ack(Message):

@@ -5,6 +5,13 @@ of a model, so fields an older receiver does not know are still covered. Canonic
 keys, no spaces, UTF-8, integral floats written as integers (``1.0`` and ``1`` sign the same, as
 JSON writers disagree on them). Import this module only where signatures are used: it loads
 ``cryptography``, which the agent's idle path avoids.
+
+Control-plane documents (desired state and commands, signed with the controller's control key)
+are also *bound*: the signed fields name the node (``node``), the channel (``kind``: ``desired``
+or ``cmd``) and the controller's issue time (``issued_at``); a command also its expiry
+(``expires_at``). Generation and command id are signed fields already. :func:`sign_control` writes
+them, :func:`verify_control` checks signature and binding, so a document signed for one node or
+channel is refused everywhere else.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from fleet.protocol.messages import Command, DesiredState
 
 SIGNATURE_FIELD = "signature"
 _SIGNATURE_LEN = 64
+
+DESIRED_KIND = "desired"
+"""``kind`` of a signed desired state (the channel name)."""
+COMMAND_KIND = "cmd"
+"""``kind`` of a signed command (the channel name)."""
 
 M = TypeVar("M", bound=BaseModel)
 S = TypeVar("S", DesiredState, Command)
@@ -120,6 +132,64 @@ def sign_manifest(manifest: Mapping[str, Any], private_key: Ed25519PrivateKey) -
 
 def verify_manifest(manifest: Mapping[str, Any], public_key: Ed25519PublicKey) -> None:
     verify_document(manifest, public_key)
+
+
+# --- control plane: desired state and commands, bound to node and channel ------------------------
+
+
+def kind_of(message: DesiredState | Command) -> str:
+    """The ``kind`` a desired state or command is signed as: the name of its channel."""
+    return DESIRED_KIND if isinstance(message, DesiredState) else COMMAND_KIND
+
+
+def bind(message: S, node: str, issued_at: float) -> S:
+    """``message`` naming ``node``, its channel and ``issued_at`` (controller time), unsigned."""
+    update = {"node": node, "kind": kind_of(message), "issued_at": issued_at, SIGNATURE_FIELD: None}
+    return message.model_copy(update=update)
+
+
+def sign_control(message: S, node: str, private_key: Ed25519PrivateKey, *, issued_at: float) -> S:
+    """A desired state or command for ``node`` bound (:func:`bind`) and signed with the control key.
+
+    ``ValueError`` for a command without ``expires_at``: a signed command must end (its id is
+    remembered for a limited time only, so an endless one could be replayed after that)."""
+    if isinstance(message, Command) and message.expires_at is None:
+        raise ValueError("a signed command needs expires_at")
+    return sign_message(bind(message, node, issued_at), private_key)
+
+
+def verify_control(raw: Mapping[str, Any], public_key: Ed25519PublicKey, *, node: str, kind: str) -> None:
+    """``InvalidSignature`` unless ``raw`` is signed by ``public_key`` and bound to ``node`` and
+    ``kind`` (:func:`check_binding`); the reason says which."""
+    verify_document(raw, public_key)
+    check_binding(raw, node=node, kind=kind)
+
+
+def check_binding(raw: Mapping[str, Any], *, node: str, kind: str) -> None:
+    """``InvalidSignature`` unless the (verified) document names ``node`` and ``kind`` and carries
+    ``issued_at``, and, as a command, ``expires_at``. Checked on the raw map, before any model."""
+    signed_kind = raw.get("kind")
+    if not isinstance(signed_kind, str):
+        raise InvalidSignature(f"signed without kind (must be {kind!r})", field="kind")
+    if signed_kind != kind:
+        raise InvalidSignature(f"signed as {_short(signed_kind)!r}, not as {kind!r}", field="kind")
+    signed_node = raw.get("node")
+    if not isinstance(signed_node, str):
+        raise InvalidSignature(f"signed without node (must be {node!r})", field="node")
+    if signed_node != node:
+        raise InvalidSignature(f"signed for node {_short(signed_node)!r}, not for {node!r}", field="node")
+    if not _is_time(raw.get("issued_at")):
+        raise InvalidSignature("signed without issued_at", field="issued_at")
+    if kind == COMMAND_KIND and not _is_time(raw.get("expires_at")):
+        raise InvalidSignature("signed command without expires_at", field="expires_at")
+
+
+def _is_time(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def decode_signed(
