@@ -13,6 +13,7 @@ from certs.authority import (
     OPERATOR_DAYS,
     Issuer,
 )
+from certs.control import load_control_key
 from certs.crl import ensure_not_older
 from certs.enroll import RECOVERY_GRACE, issue_from_csr, verify_possession_proof
 from certs.errors import CertificateRejected, PkiError, Refusal, RequestRefused
@@ -66,6 +67,7 @@ __all__ = [
     "issue_from_csr",
     "issue_operator",
     "list_identities",
+    "load_control_key",
     "load_revocations",
     "load_revoked_serials",
     "recover_identity_files",

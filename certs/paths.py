@@ -79,6 +79,16 @@ class PkiPaths:
         return self.root / "release.pub"
 
     @property
+    def control_key(self) -> Path:
+        """The controller's Ed25519 key: it signs desired state and commands (private, 0600)."""
+        return self.root / "control.key"
+
+    @property
+    def control_pub(self) -> Path:
+        """Its public half: agents verify desired state and commands with it."""
+        return self.root / "control.pub"
+
+    @property
     def crl(self) -> Path:
         return self.root / "crl.pem"
 
@@ -106,6 +116,10 @@ class PkiPaths:
 
     def device(self, node_id: str) -> ClientPaths:
         return self._client(DEVICES_DIR, node_id)
+
+    def device_control_pub(self, node_id: str) -> Path:
+        """The copy of ``control.pub`` handed out with a device's identity (``fleet certs device``)."""
+        return self.root / DEVICES_DIR / node_id / "control.pub"
 
     def operator(self, name: str) -> ClientPaths:
         return self._client(OPERATORS_DIR, name)

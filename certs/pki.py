@@ -100,6 +100,7 @@ class PkiUpgrade:
     issuing_added: bool
     root_recertified: bool  # ca.pem re-signed with path length 1 (same key, subject and validity)
     crl_completed: bool  # crl.pem got the CRL of a CA that had none
+    control_key_added: bool = False  # control.key/control.pub (the control-plane signing key) were made
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def init_pki(
     days: int = DEFAULT_DAYS,
 ) -> PkiPaths:
     """Create a root CA, the device-issuing CA and what a fleet needs to start: server, controller,
-    operator, release key, CRLs.
+    operator, release key, control key (certs.control), CRLs.
 
     ``days`` is the validity of the root and of the server certificate; the issuing CA gets
     ``ISSUING_DAYS``, the default controller and operator ``CONTROLLER_DAYS``/``OPERATOR_DAYS``, none
@@ -141,6 +142,7 @@ def init_pki(
     ca = new_root(validity_for_days(now, days))
     issuing = new_issuing(ca, ISSUING_DAYS, now=now)
     release_key = ed25519.Ed25519PrivateKey.generate()
+    control_key = ed25519.Ed25519PrivateKey.generate()
     files = [
         PendingFile(pki.ca_cert, cert_pem(ca.cert)),
         PendingFile(pki.ca_key, key_pem(ca.key), private=True),
@@ -154,6 +156,7 @@ def init_pki(
         ),
         PendingFile(pki.release_key, key_pem(release_key), private=True),
         PendingFile(pki.release_pub, public_key_pem(release_key.public_key())),
+        *_control_key_files(pki, control_key),
         PendingFile(
             pki.crl,
             build_crl(ca.cert, ca.key, {}, number=1, now=now)
@@ -165,7 +168,8 @@ def init_pki(
 
 
 def upgrade_pki(pki: PkiPaths, *, issuing_days: int = ISSUING_DAYS) -> PkiUpgrade:
-    """Add to an existing PKI what it lacks: the issuing CA (and its CRL in crl.pem).
+    """Add to an existing PKI what it lacks: the issuing CA (and its CRL in crl.pem), the
+    control-plane signing key (control.key, control.pub).
 
     A root made before the issuing CA existed has path length 0, under which OpenSSL accepts no CA;
     it is re-certified first: same key, subject, validity and key identifier, path length 1, so
@@ -198,10 +202,32 @@ def _upgrade(pki: PkiPaths, issuing_days: int) -> PkiUpgrade:
     crl, crl_completed = _completed_crl(pki, root, issuing, now=now)
     if crl is not None:
         files.append(PendingFile(pki.crl, crl))
+    control_added = not pki.control_key.exists()
+    if control_added:
+        files += _control_key_files(pki, ed25519.Ed25519PrivateKey.generate())
+    elif not pki.control_pub.exists():  # the public half lost: derived again from the key
+        files.append(PendingFile(pki.control_pub, _control_pub_pem(pki)))
     if not files:
         raise PkiError(f"{pki.ca_cert}: already exists, with its issuing CA (--force replaces the whole PKI)")
     write_files(files)
-    return PkiUpgrade(tuple(pending.path for pending in files), issuing_added, recertified, crl_completed)
+    return PkiUpgrade(
+        tuple(pending.path for pending in files), issuing_added, recertified, crl_completed, control_added
+    )
+
+
+def _control_key_files(pki: PkiPaths, key: ed25519.Ed25519PrivateKey) -> list[PendingFile]:
+    # The key last: a crash between the two leaves no key, and the next upgrade makes both again.
+    return [
+        PendingFile(pki.control_pub, public_key_pem(key.public_key())),
+        PendingFile(pki.control_key, key_pem(key), private=True),
+    ]
+
+
+def _control_pub_pem(pki: PkiPaths) -> bytes:
+    key = serialization.load_pem_private_key(read_bytes(pki.control_key), password=None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise PkiError(f"{pki.control_key}: not an Ed25519 private key")
+    return public_key_pem(key.public_key())
 
 
 def issue_device(
@@ -341,7 +367,11 @@ def _issue(
     if _exists(paths) and not force:
         raise PkiError(f"{paths.cert.parent}: {role} {name!r} already exists (--force replaces it)")
     issuer = device_authority(pki) if role is Role.DEVICE else load_authority(pki, Issuer.ROOT)
-    write_files(_leaf_files(issuer, name, role, paths, days, now=now_utc(), start=start, end=end, access=access))
+    files = _leaf_files(issuer, name, role, paths, days, now=now_utc(), start=start, end=end, access=access)
+    if role is Role.DEVICE and pki.control_pub.exists():
+        # The device gets the key that control-plane messages to it are signed with, with its identity.
+        files.append(PendingFile(pki.device_control_pub(name), read_bytes(pki.control_pub)))
+    write_files(files)
     return paths
 
 

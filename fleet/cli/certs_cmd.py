@@ -46,8 +46,9 @@ def init(
         ),
     ] = None,
 ) -> None:
-    """Create the root and issuing CAs, server, controller and operator certificates, the release key
-    and empty CRLs. On an existing PKI: add the issuing CA it lacks (nothing else changes)."""
+    """Create the root and issuing CAs, server, controller and operator certificates, the release key,
+    the control key and empty CRLs. On an existing PKI: add the issuing CA or control key it lacks
+    (nothing else changes)."""
     pki = PkiPaths(directory)
     if pki.ca_cert.exists() and not force:
         if san or days is not None:
@@ -69,6 +70,8 @@ def init(
             pki.operator_key,
             pki.release_key,
             pki.release_pub,
+            pki.control_pub,
+            pki.control_key,
             pki.crl,
         ]
     )
@@ -81,9 +84,13 @@ def device(
     force: Force = False,
     days: Days = certs.DEVICE_DAYS,
 ) -> None:
-    """Issue a device certificate whose CN is the node id (signed by the issuing CA)."""
-    paths = _run(lambda: certs.issue_device(PkiPaths(directory), node_id, force=force, days=days))
+    """Issue a device certificate whose CN is the node id (signed by the issuing CA), with a copy of
+    control.pub (the key its agent verifies desired state and commands with)."""
+    pki = PkiPaths(directory)
+    paths = _run(lambda: certs.issue_device(pki, node_id, force=force, days=days))
     _report_client(paths)
+    if pki.device_control_pub(node_id).exists():
+        _report_written([pki.device_control_pub(node_id)])
 
 
 @app.command()
@@ -198,6 +205,11 @@ def _report_upgrade(pki: PkiPaths, upgrade: certs.PkiUpgrade) -> None:
         typer.echo(
             f"added the issuing CA {pki.issuing_cert}: new devices are issued by it; existing certificates are "
             "unchanged (`fleet certs renew` moves a device to it)"
+        )
+    if upgrade.control_key_added:
+        typer.echo(
+            f"added the control key {pki.control_key}: the controller signs desired state and commands with it;"
+            f" give every gateway {pki.control_pub} next to its ca.pem (new devices get a copy in devices/<id>/)"
         )
 
 

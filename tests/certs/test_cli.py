@@ -65,10 +65,13 @@ def test_device_operator_controller(root: Path) -> None:
     ):
         result = _run(command, root, name)
         assert result.exit_code == 0, result.output
+        control = [f"wrote {root / layout / name / 'control.pub'}"] if command == "device" else []
         assert result.stdout.splitlines() == [
             f"wrote {root / layout / name / 'cert.pem'}",
             f"wrote {root / layout / name / 'key.pem'}",
+            *control,
         ]
+    assert (root / "devices" / "gw-0001" / "control.pub").read_bytes() == (root / "control.pub").read_bytes()
 
 
 def test_bad_node_id_is_a_one_line_error(root: Path) -> None:

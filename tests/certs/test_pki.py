@@ -41,6 +41,7 @@ def _ext(cert: x509.Certificate, kind: type[E]) -> E:
 
 def test_init_writes_every_file_with_private_keys_owner_only(pki: PkiPaths) -> None:
     private = [pki.ca_key, pki.issuing_key, pki.server_key, pki.controller_key, pki.operator_key, pki.release_key]
+    private.append(pki.control_key)
     public = [
         pki.ca_cert,
         pki.issuing_cert,
@@ -48,6 +49,7 @@ def test_init_writes_every_file_with_private_keys_owner_only(pki: PkiPaths) -> N
         pki.controller_cert,
         pki.operator_cert,
         pki.release_pub,
+        pki.control_pub,
         pki.crl,
     ]
     assert {path.name for path in pki.root.iterdir()} == {path.name for path in private + public}
