@@ -148,6 +148,13 @@ class ReleaseServer:
         artifact = self.artifact_for(request.digest, request.delta_base)
         if artifact is None:
             return [error_chunk(request, f"unknown release {request.digest}")]
+        if request.first >= artifact.total and artifact.base is not None:
+            # Past the end of the delta: a device that began on the full artifact before the delta
+            # was prepared is asking for its next window. It continues on the full one (a window
+            # that starts inside the delta switches it to the delta: chunks name their artifact).
+            full = self.artifact_for(request.digest, None)
+            if full is not None and request.first < full.total:
+                artifact = full
         if request.first >= artifact.total:
             reason = f"chunk {request.first} is past the end of the artifact ({artifact.total} chunks)"
             return [error_chunk(request, reason, artifact)]

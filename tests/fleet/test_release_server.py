@@ -229,6 +229,25 @@ def test_prepared_delta_is_served(releases: Releases) -> None:
     assert server.full_for_delta == 0
 
 
+def test_a_download_begun_on_the_full_artifact_continues_on_it_past_the_end_of_a_new_delta(
+    releases: Releases,
+) -> None:
+    # The delta was prepared while the device was fetching the full artifact: it asks on, with its base.
+    assert releases.store.prepare(releases.new, [releases.old.digest]) in (0, 1)
+    assert releases.store.wait_prepared(60)
+    server = ReleaseServer(releases.store)
+    delta = every_chunk(server, releases.new.digest, delta_base=releases.old.digest)
+    full = every_chunk(server, releases.new.digest)
+    assert len(delta) < 8 < len(full)
+    chunks = server.chunks_for(req(releases.new.digest, first=8, window=4, delta_base=releases.old.digest))
+    assert [(chunk.index, chunk.base, chunk.artifact) for chunk in chunks] == [
+        (index, None, full[0].artifact) for index in range(8, 12)
+    ]
+    assert [chunk.data for chunk in chunks] == [chunk.data for chunk in full[8:12]]
+    (past,) = server.chunks_for(req(releases.new.digest, first=len(full), delta_base=releases.old.digest))
+    assert past.error is not None and "past the end" in past.error
+
+
 def test_unprepared_delta_pair_gets_the_full_artifact_and_no_delta_is_made(releases: Releases, tmp_path: Path) -> None:
     store = copy_of(releases, tmp_path, releases.old, releases.new)  # the module's store may hold deltas
     server = ReleaseServer(store)
