@@ -125,6 +125,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "cancel",
         "Cancel a pending command: the controller stops resending it (exit 1 once it was acknowledged).",
     ),
+    "sign": (
+        "sign_cmd",
+        "sign",
+        "Print one signed command as a JSON line, for mosquitto_pub -m (needs the PKI's control.key).",
+    ),
     "rollout": ("ops_cmd", "rollout_app", "Staged, health-gated rollouts."),
     "token": ("token_cmd", "app", "API tokens for scripts and CI: create (shown once), ls, revoke."),
     "audit": (

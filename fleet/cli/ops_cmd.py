@@ -194,6 +194,15 @@ def when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def clock_offset_text(offset: float | None) -> str:
+    """A node's clock offset: ``+3600.2s (ahead of the controller)``, ``in sync (+0.1s)``."""
+    if offset is None:
+        return "-"
+    if abs(offset) < 1.0:
+        return f"in sync ({offset:+.1f}s)"
+    return f"{offset:+.1f}s ({'ahead of' if offset > 0 else 'behind'} the controller)"
+
+
 def labels_text(labels: dict[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(labels.items())) or "-"
 
@@ -286,6 +295,7 @@ def node_detail(detail: NodeDetail) -> Group:
         "last health": ago(view.health_ts),
         "last seen": ago(view.last_seen),
         "agent": view.agent_version or "-",
+        "clock": clock_offset_text(view.clock_offset),
         "labels": labels_text(view.operator_labels),  # the operator's: they alone decide the canary ring
         "reported labels": labels_text(_reported(view)),  # the node's own word
         "effective labels": labels_text(view.labels),  # reported overlaid with the operator's: selectors match these

@@ -11,6 +11,11 @@ An ack is the device's word: its detail is cut and its timestamp kept within the
 clock window (fleet/controller/bounds.py), and a command keeps at most ``MAX_ACKS`` acks, so a
 device cannot grow the database through acks to its own commands. Rejects are counted in
 ``rejects`` and logged.
+
+Every command is bound to its node and signed with the control key (``control.key`` of the PKI;
+fleet.protocol.signing): ``node``, ``kind`` ``cmd``, ``issued_at`` and ``expires_at`` are signed
+fields, so agents refuse it on another node and judge its expiry on the controller's clock. The
+signed bytes are stored, so a resend is byte-identical.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from fleet.controller.bounds import Rejects, screen
@@ -34,6 +40,7 @@ from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel, encode
 from fleet.protocol.errors import FleetError, InvalidMessage
 from fleet.protocol.messages import Ack, AckStatus, Command
+from fleet.protocol.signing import bind, sign_control
 from fleet.protocol.topics import Channel, all_nodes_filter, node_topic
 
 log = logging.getLogger(__name__)
@@ -106,9 +113,10 @@ class CommandTracker:
         resend_after: float = 15.0,
         max_resend_after: float = 300.0,
         jitter: float = 0.1,
-        signer: Callable[[Command], Command] | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``signing_key``: the control key (None only in tests: commands go out bound but unsigned)."""
         if not 0 < resend_after <= max_resend_after:
             raise ValueError("need 0 < resend_after <= max_resend_after")
         self.db = db
@@ -118,7 +126,7 @@ class CommandTracker:
         self.max_resend_after = max_resend_after
         # Jitter spreads the resends of commands sent together (a rollback to a whole wave).
         self.jitter = jitter
-        self.signer = signer
+        self.signing_key = signing_key
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejects = Rejects()  # device values out of bounds, by field (see fleet/controller/bounds.py)
         self._rng = rng or random.Random()  # noqa: S311 -- spreading load, not secrecy
@@ -139,7 +147,7 @@ class CommandTracker:
         if not expires_in > 0:
             raise BadRequest(f"expires_in must be positive, not {expires_in}")
         now = self.clock()
-        command, topic, payload = self._build(node, action, args or {}, now + expires_in)
+        command, topic, payload = self._build(node, action, args or {}, now, now + expires_in)
         with self.db.transaction() as conn:
             conn.execute(
                 "INSERT INTO commands (id, node, action, args, payload, status, created, expires_at, attempts,"
@@ -162,13 +170,18 @@ class CommandTracker:
         self._publish(topic, payload, command.id)
         return self.get(command.id)
 
-    def _build(self, node: str, action: str, args: dict[str, Any], expires_at: float) -> tuple[Command, str, bytes]:
-        """The validated command, its topic and its wire bytes (stored, so a resend is byte-identical)."""
+    def _build(
+        self, node: str, action: str, args: dict[str, Any], now: float, expires_at: float
+    ) -> tuple[Command, str, bytes]:
+        """The validated command, bound to ``node`` and signed, its topic and its wire bytes (stored,
+        so a resend is byte-identical)."""
         try:
             topic = node_topic(node, Channel.CMD)
             command = Command(id=uuid.uuid4().hex, action=action, args=args, expires_at=expires_at)
-            if self.signer is not None:
-                command = self.signer(command)
+            if self.signing_key is not None:
+                command = sign_control(command, node, self.signing_key, issued_at=now)
+            else:
+                command = bind(command, node, now)
             payload = encode(command, max_size=MAX_PAYLOAD)
             json.dumps(command.args)  # stored and served as JSON: refuse what JSON cannot hold
         except ValidationError as exc:

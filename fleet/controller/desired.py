@@ -7,6 +7,12 @@ only memory left). The document is committed before it is published, and publish
 this publisher's lock so two documents for one node can never reach the broker out of order (a
 lower generation would otherwise end up as the retained message).
 
+Every document is bound to its node and channel and signed with the control key (``control.key``
+of the PKI; fleet.protocol.signing), which agents require. ``republish`` (every controller start)
+re-signs a stored document that does not verify with the current key for its node (stored unsigned
+by a controller before signatures, or signed with a replaced key), keeping its generation: agents
+that applied it see a replay, the others get it signed.
+
 A reported generation is the device's word, so it is bounded before anything builds on it (see
 fleet/controller/bounds.py): at most ``MAX_GENERATION``, and at most ``GENERATION_AHEAD`` past the
 generation we last published to that node. A device reporting 2^63-1 would otherwise make every
@@ -23,12 +29,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fleet.controller.bounds import GENERATION_AHEAD, MAX_GENERATION, Rejects
 from fleet.controller.facade import NotFound
 from fleet.controller.storage import Database
 from fleet.protocol.codec import decode_raw, encode, validate
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef
+from fleet.protocol.signing import DESIRED_KIND, bind, sign_control, verify_control
 from fleet.protocol.topics import Channel, node_topic
 
 log = logging.getLogger(__name__)
@@ -62,12 +71,13 @@ class DesiredPublisher:
         publish: Publish,
         *,
         clock: Callable[[], float] = time.time,
-        signer: Callable[[DesiredState], DesiredState] | None = None,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
+        """``signing_key``: the control key (None only in tests: documents go out bound but unsigned)."""
         self.db = db
         self.publish = publish
         self.clock = clock
-        self.signer = signer
+        self.signing_key = signing_key
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejects = Rejects()
         # Held across persist + publish (see the module docstring); never taken while holding db.lock.
@@ -138,14 +148,40 @@ class DesiredPublisher:
             return True
 
     def republish(self, node: str) -> int:
-        """Publish the stored document again (after a controller restart); returns its generation."""
+        """Publish the stored document again (after a controller restart), re-signed first if it does
+        not verify with the current key for this node; returns its generation."""
         with self._lock:
             rows = self.db.query("SELECT generation, document FROM desired_state WHERE node = ?", (node,))
             if not rows:
                 raise NotFound(f"no desired state for node {node!r}")
             generation, document = rows[0]
-            self._send(node, bytes(document), int(generation))
+            payload = self._signed_again(node, int(generation), bytes(document))
+            self._send(node, payload, int(generation))
             return int(generation)
+
+    def _signed_again(self, node: str, generation: int, stored: bytes) -> bytes:
+        """``stored``, or (when it does not verify for ``node`` with the current key) the same
+        document bound and signed again, written back to the database."""
+        key = self.signing_key
+        if key is None:
+            return stored
+        where = f"desired_state[{node}]"
+        raw = decode_raw(where, stored)
+        try:
+            verify_control(raw, key.public_key(), node=node, kind=DESIRED_KIND)
+        except InvalidMessage as exc:
+            reason = exc.reason
+        else:
+            return stored
+        document = validate(where, raw, DesiredState)
+        issued_at = document.issued_at if document.issued_at is not None else self.clock()
+        payload = encode(sign_control(document, node, key, issued_at=issued_at))
+        self.db.execute(
+            "UPDATE desired_state SET document = ? WHERE node = ? AND generation = ?", (payload, node, generation)
+        )
+        self.counters["resigned"] += 1
+        log.info("desired state of %s (generation %d) signed again: %s", node, generation, reason)
+        return payload
 
     def republish_all(self) -> int:
         """Publish every stored document again; returns how many. One node's failure is logged and
@@ -168,9 +204,12 @@ class DesiredPublisher:
             with self.db.transaction() as conn:
                 previous = self._stored(conn.execute, node)
                 generation = self._next_generation(conn.execute, node)
-                document = _merge(previous, generation, release, config, health, self.clock())
-                if self.signer is not None:
-                    document = self.signer(document)
+                now = self.clock()
+                document = _merge(previous, generation, release, config, health, now)
+                if self.signing_key is not None:
+                    document = sign_control(document, node, self.signing_key, issued_at=now)
+                else:
+                    document = bind(document, node, now)
                 payload = encode(document)
                 conn.execute(
                     "INSERT OR REPLACE INTO desired_state (node, generation, document, updated) VALUES (?, ?, ?, ?)",

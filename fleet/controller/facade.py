@@ -100,6 +100,9 @@ class NodeView(View):
     """The fleet-agent version it runs."""
     heartbeat: dict[str, Any] = Field(default_factory=dict)
     """Its last heartbeat: seq, uptime (s), cpu (%), mem_free and disk_free (bytes), latency_ms, version."""
+    clock_offset: float | None = None
+    """Its clock minus the controller's in seconds (positive: ahead), from its messages' timestamps
+    (null: not measured since the controller started)."""
 
 
 class HealthRecord(View):

@@ -11,7 +11,8 @@ of each wins whichever process wrote it, and ``refresh()`` folds the other proce
 into memory the same way.
 
 Times are the controller's own clock at receipt, never the agent's ``ts``: statuses and silence
-must be judged on one clock, and devices' clocks drift.
+must be judged on one clock, and devices' clocks drift. How far each drifts is measured from those
+``ts`` (``clocks``, fleet.controller.clocks) and shown with the node.
 
 Nothing a device reports is taken on trust: every message is screened against the controller's
 bounds (fleet/controller/bounds.py) before it changes anything, and a message with a value out of
@@ -42,6 +43,7 @@ from fleet.controller.bounds import (
     check_operator_label,
     screen,
 )
+from fleet.controller.clocks import DeviceClocks
 from fleet.controller.facade import BadRequest, HealthRecord, NodeStatus, NodeView, NotFound
 from fleet.controller.storage import Database
 from fleet.protocol.codec import MAX_PAYLOAD, decode_for_channel
@@ -212,6 +214,7 @@ class Registry:
         flush_interval: float = 0.5,
         health_history: int = 50,
         max_payload: int = MAX_PAYLOAD,
+        clock_warn: float = 300.0,
     ) -> None:
         if not 0 < stale_after <= offline_after:
             raise ValueError("need 0 < stale_after <= offline_after")
@@ -226,6 +229,7 @@ class Registry:
         self.max_payload = max_payload
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejects = Rejects()  # device values out of bounds, by field (see fleet/controller/bounds.py)
+        self.clocks = DeviceClocks(warn_after=clock_warn)  # each node's clock offset, from its timestamps
         self._lock = threading.Lock()
         # Serialises flushes: each writes full rows, so they must land in the order they were taken.
         self._flush_lock = threading.Lock()
@@ -274,11 +278,14 @@ class Registry:
             log.warning("registry: ignored message on %s: channel %s is not read by the registry", topic, channel)
             return
         now = self.clock()
+        stamped = getattr(message, "ts", None)  # before screen() may replace one far off our clock
         try:
             message = screen(node_id, channel.value, message, now, self.rejects)
         except OutOfBounds:
             self._count("rejected_messages")  # counted per field and logged by screen()
             return
+        if not replayed:
+            self.clocks.observe(node_id, stamped, now)
         with self._lock:
             node = self._nodes.get(node_id)
             if node is None:
@@ -525,6 +532,7 @@ class Registry:
             reported_ts=node.reported_ts,
             agent_version=node.agent_version,
             heartbeat=dict(node.heartbeat),
+            clock_offset=self.clocks.offset(node.id),
         )
 
 

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 
-from certs import PkiError, Role, list_identities
+from certs import PkiError, Role, list_identities, load_control_key
 from fleet.controller.audit import AuditLog, IdempotencyStore
 from fleet.controller.auth import CertificateAuthenticator, TokenStore
+from fleet.controller.clocks import ClockCollector
 from fleet.controller.commands import CommandTracker
 from fleet.controller.desired import DesiredPublisher
 from fleet.controller.facade import (
@@ -120,6 +121,9 @@ class Controller:
     def __init__(self, settings: ControllerSettings) -> None:
         """``settings`` are validated already (fleet.controller.settings.load_settings, or built in code)."""
         self.settings = settings
+        # Desired state and commands are signed with the PKI's control key (agents require it);
+        # read first, so a missing key stops the start before anything is opened.
+        self.signing_key = load_control_key(settings.pki)
         broker, timing, releases = settings.broker, settings.timing, settings.releases
         self.db = Database(settings.storage.db)
         self.mqtt = FleetMqtt(
@@ -128,9 +132,14 @@ class Controller:
             tls_identity(settings),
             options=MqttOptions(clean_session=broker.share is not None),
         )
-        self.registry = Registry(self.db, stale_after=timing.stale_after, offline_after=timing.offline_after)
-        self.commands = CommandTracker(self.db, self._publish)
-        self.desired = DesiredPublisher(self.db, self._publish_retained)
+        self.registry = Registry(
+            self.db,
+            stale_after=timing.stale_after,
+            offline_after=timing.offline_after,
+            clock_warn=timing.clock_skew_warn,
+        )
+        self.commands = CommandTracker(self.db, self._publish, signing_key=self.signing_key)
+        self.desired = DesiredPublisher(self.db, self._publish_retained, signing_key=self.signing_key)
         self.releases = ReleaseStore(releases.store)
         self.rollouts_engine = RolloutEngine(
             self.db, self.registry, _DesiredAdapter(self.desired), self.commands, self.releases
@@ -149,6 +158,7 @@ class Controller:
         self.idempotency = IdempotencyStore(self.db)
         self.certificates = CertificateAuthenticator(settings.pki)
         self.metrics = ControllerMetrics(version(), self.stats)
+        self.metrics.registry.register(ClockCollector(self.registry.clocks))
         self._stopping = threading.Event()
         self._ticker: threading.Thread | None = None
         self._heartbeat_rate = 0.0

@@ -105,6 +105,11 @@ class TimingSettings(Section):
     lease_ttl: PositiveDuration = Field(
         default=10.0, description="with broker.share: a leader silent this long is replaced"
     )
+    clock_skew_warn: PositiveDuration = Field(
+        default=300.0,
+        description="a node whose clock is off the controller's by more than this is logged as a warning and"
+        " counted in fleet_device_clock_skewed_nodes",
+    )
 
     @model_validator(mode="after")
     def _offline_not_before_stale(self) -> TimingSettings:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from certs import load_control_key
 from fleet.controller.bounds import GENERATION_AHEAD, MAX_GENERATION
 from fleet.controller.desired import DesiredPublisher
 from fleet.controller.facade import NotFound
@@ -221,7 +222,7 @@ def test_desired_state_reaches_a_real_agent(
 ) -> None:
     db = Database(tmp_path / "fleet.db")
     mqtt = FleetMqtt(broker.host, broker.port, controller_identity, options=MqttOptions(reconnect_max=2))
-    publisher = DesiredPublisher(db, mqtt.publish)
+    publisher = DesiredPublisher(db, mqtt.publish, signing_key=load_control_key(pki.paths))  # agents require it
     reports: list[Reported] = []
 
     def on_reported(topic: str, payload: bytes) -> None:
