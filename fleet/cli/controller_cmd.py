@@ -143,15 +143,19 @@ def controller(
     # The values arrive as ctx.params too, which also says whether each came from the command
     # line or from the option's own environment variable.
     settings = _load(ctx, config)
-    logs.configure(settings.log.format, settings.log.level)
-    for chatty in ("amqtt", "httpx", "httpcore", "uvicorn.access"):
+    restore_logging = logs.configure(settings.log.format, settings.log.level)
+    for chatty in ("amqtt", "httpx", "httpcore", "uvicorn.access", "uvicorn.error"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         service = Controller(settings)
         servers = serve_http(service)
         service.start()
     except FleetError as exc:
+        restore_logging()  # a controller that does not start leaves the process's logging as it was
         fail(str(exc))
+    except BaseException:
+        restore_logging()
+        raise
     api = servers[0]
     log.info("controller API on %s", api.url)
     if settings.http.insecure:

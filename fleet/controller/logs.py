@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from collections.abc import Callable
+from typing import Any, TextIO
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -26,9 +29,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure(fmt: str, level: str) -> None:
-    """Route every log line through one stderr handler in ``fmt`` (text or json) at ``level``."""
-    handler = logging.StreamHandler()
+class StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (not the stream of the moment it was
+    made: a replaced and closed stderr, as under a test runner, must not break later lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+def configure(fmt: str, level: str) -> Callable[[], None]:
+    """Route every log line through one stderr handler in ``fmt`` (text or json) at ``level``;
+    returns what puts the previous handlers and level back."""
+    handler = StderrHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -36,7 +56,16 @@ def configure(fmt: str, level: str) -> None:
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()
-    for existing in list(root.handlers):
+    previous, previous_level = list(root.handlers), root.level
+    for existing in previous:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+    def restore() -> None:
+        root.removeHandler(handler)
+        for existing in previous:
+            root.addHandler(existing)
+        root.setLevel(previous_level)
+
+    return restore
