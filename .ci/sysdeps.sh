@@ -16,8 +16,10 @@ openssl         openssl
 ip              iproute2
 nft             nftables
 py:ensurepip    python3-venv
+faketime        faketime
 '
 # ip/nft: the fault suite adds packet loss in a network namespace of its own (proxy cuts only without).
+# faketime: libfaketime runs an agent with its clock an hour off (tests/agent/test_clock_skew.py).
 # python3-venv: `make setup` creates .venv with `python3 -m venv` (Debian ships ensurepip separately).
 
 present() {

@@ -132,7 +132,7 @@ class Commands:
         intake = core.command_intake(
             command,
             earlier=existing.status if existing is not None else None,
-            now=time.time(),
+            now=self.key.controller_now(),  # expiry is the controller's: judged on its clock (agent.trust)
             actions=self.actions,
         )
         if intake.outcome is core.Intake.DUPLICATE:
@@ -150,8 +150,8 @@ class Commands:
         self._queue.put_nowait(command)
 
     def _check_signature(self, raw: dict[str, Any]) -> None:
-        if self.key.configured and (self.settings.require_signed_commands or "signature" in raw):
-            self.key.verify(raw)
+        # Signed for this node as a command (agent.trust), or unsigned with an allowed action.
+        self.key.check_command(raw, self.settings.allowed_unsigned)
 
     def _refuse_command(self, command_id: str, action: str, status: AckStatus, reason: str) -> None:
         self.store.record_refused(command_id, action[:64], CommandStatus(status.value), reason)

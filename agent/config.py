@@ -115,10 +115,23 @@ class AgentSettings(BaseModel):
     connect_timeout: PositiveDuration = 10.0
     reconnect: BackoffSettings = BackoffSettings()
     workload: WorkloadSettings | None = None
-    controller_public_key: Path | None = Field(default=None, description="verify desired state and commands")
+    controller_public_key: Path | None = Field(
+        default=None,
+        description="the controller's control.pub: desired state and commands must be signed with it;"
+        " none: control.pub next to tls.ca (the agent does not start without one)",
+    )
     release_public_key: Path | None = Field(default=None, description="releases must be signed by this key")
     update: UpdateSettings = UpdateSettings()
-    require_signed_commands: bool = False
+    require_signed_commands: bool = Field(
+        default=False, description="no unsigned command at all (unsigned_actions: [])"
+    )
+    unsigned_actions: list[str] = Field(
+        default_factory=lambda: ["ping", "report"],
+        description="actions an unsigned command may have (mosquitto_pub); every other one must be signed",
+    )
+    insecure_unsigned_control: bool = Field(
+        default=False, description="without a controller key, accept unsigned desired state and commands"
+    )
     outbox_limit: int = Field(default=10_000, ge=10)
     command_retention: PositiveDuration = 7 * 86400.0
     command_history_limit: int = Field(default=10_000, ge=100)
@@ -142,9 +155,14 @@ class AgentSettings(BaseModel):
     def _tls_files_when_enabled(self) -> AgentSettings:
         if self.tls_enabled and self.tls is None:
             raise ValueError("tls_enabled is true but tls: {ca, cert, key} is missing")
-        if self.require_signed_commands and self.controller_public_key is None:
-            raise ValueError("require_signed_commands needs controller_public_key")
+        if self.require_signed_commands and self.insecure_unsigned_control:
+            raise ValueError("require_signed_commands contradicts insecure_unsigned_control")
         return self
+
+    @property
+    def allowed_unsigned(self) -> frozenset[str]:
+        """The actions an unsigned command may have (none with ``require_signed_commands``)."""
+        return frozenset() if self.require_signed_commands else frozenset(self.unsigned_actions)
 
     @property
     def host(self) -> str:

@@ -14,7 +14,9 @@ device decides exactly what a real one decides:
   or lost to a reconnect, how long to wait after a server error (:func:`ask_window`,
   :func:`window_status`, :func:`after_server_error`), and which chunks to keep (:func:`check_chunk`);
 - rollback commands: nothing to do, fail, or roll back to the previous release, from the running
-  and previous versions and the command's ``from``/``to`` (:func:`decide_rollback`).
+  and previous versions and the command's ``from``/``to`` (:func:`decide_rollback`);
+- controller time: the offset to the controller's clock learned from signed messages' ``issued_at``,
+  on which command expiry is judged (:func:`learn_controller_time`, :func:`controller_now`).
 """
 
 from __future__ import annotations
@@ -392,3 +394,63 @@ def progress_due(now: float, last_report: float, done: int, total: int) -> bool:
 
 def progress_detail(done: int, total: int) -> str:
     return f"chunk {done}/{total}"
+
+
+# ---- controller time -------------------------------------------------------------------------
+#
+# A device's clock may be off by hours (no RTC, no NTP yet). Command expiry is the controller's
+# promise, so it is judged on the controller's clock: every signed desired state and command carries
+# ``issued_at`` (controller time), and at receipt the controller's clock reads at least that. So
+# ``issued_at - now`` is a lower bound of (controller time - device time); a message that waited
+# (a resend, a retained desired state, a command queued for an offline device) only gives a lower
+# one. The estimate is therefore the highest recent sample: a higher one replaces it, one within
+# ``CLOCK_CONFIRM`` below it confirms it, a lower one is ignored, unless the estimate went
+# ``CLOCK_TRUST`` without confirmation (the controller's clock may have been set back): then the
+# most recent sample is trusted. A step of the device's own clock (NTP setting it) is not a
+# sample: the agent measures it against a clock that does not step and shifts the estimate
+# (:func:`clock_stepped`).
+
+CLOCK_CONFIRM = 5.0
+"""Seconds a sample may be below the estimate and still confirm it (transit, scheduling)."""
+
+CLOCK_TRUST = 86_400.0
+"""Seconds an estimate holds against lower samples without being confirmed."""
+
+
+@dataclass(frozen=True)
+class ControllerClock:
+    """The controller's clock as this device knows it: ``offset`` = controller time - device time,
+    learned from the signed message the device received at device time ``at`` (or confirmed then)."""
+
+    offset: float
+    at: float
+
+    def now(self, device_now: float) -> float:
+        """Controller time at device time ``device_now``."""
+        return device_now + self.offset
+
+
+def learn_controller_time(clock: ControllerClock | None, issued_at: float, now: float) -> ControllerClock:
+    """The estimate after a (verified) message issued at controller time ``issued_at`` arrived at
+    device time ``now``."""
+    sample = issued_at - now
+    if clock is None or sample > clock.offset:
+        return ControllerClock(sample, now)
+    if sample >= clock.offset - CLOCK_CONFIRM:
+        return ControllerClock(clock.offset, now)
+    if abs(now - clock.at) > CLOCK_TRUST:
+        return ControllerClock(sample, now)
+    return clock
+
+
+def clock_stepped(clock: ControllerClock, step: float) -> ControllerClock:
+    """The estimate after the device's own clock jumped by ``step`` seconds (NTP set it): the
+    controller's clock did not move, so the offset moves the other way."""
+    return ControllerClock(clock.offset - step, clock.at + step)
+
+
+def controller_now(clock: ControllerClock | None, now: float) -> float:
+    """Controller time at device time ``now``; the device's own clock until a signed message taught
+    the offset. Expiry is judged on this (pass it as ``now`` to :func:`refusal` and
+    :func:`command_intake`)."""
+    return now if clock is None else clock.now(now)

@@ -66,7 +66,7 @@ class Agent:
             on_change=self.telemetry.publish_health,
             on_result=self.telemetry.probe_ran,
         )
-        key = ControllerKey(settings.controller_public_key)
+        key = ControllerKey.from_settings(settings, self.store)  # ConfigError without a key (agent.trust)
         self.desired = Desired(
             settings,
             desired,

@@ -149,8 +149,7 @@ class Desired:
             return
         try:
             raw = decode_raw(inbound.topic, inbound.payload)
-            if self.key.configured:
-                self.key.verify(raw)
+            self.key.check_desired(raw)  # signed by the controller for this node (agent.trust)
             desired = validate(inbound.topic, raw, DesiredState)
         except InvalidMessage as exc:
             self._refuse(inbound, str(exc))

@@ -1,7 +1,13 @@
-"""Real ``fleet-agent`` processes for tests: config file, start, wait for log lines, kill -9."""
+"""Real ``fleet-agent`` processes for tests: config file, start, wait for log lines, kill -9.
+
+The agent verifies desired state and commands with the PKI's ``control.pub``: its default is the
+file next to ``tls.ca``, which the tests' PKI has (tests.control signs what tests publish). With
+``clock_offset`` set (``"+1h"``, ``"-1h"``) the agent runs under libfaketime, its clock that far off.
+"""
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -24,6 +30,7 @@ class AgentProcess:
     workdir: Path
     extra: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    clock_offset: str | None = None  # libfaketime's FAKETIME, e.g. "+1h": the agent's clock is that far off
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,6 +75,10 @@ class AgentProcess:
             env["FLEET_FAILPOINTS"] = failpoints
         else:
             env.pop("FLEET_FAILPOINTS", None)
+        if self.clock_offset is not None:
+            library = libfaketime()
+            assert library is not None, "libfaketime is not installed (apt-get install faketime)"
+            env |= {"LD_PRELOAD": str(library), "FAKETIME": self.clock_offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -120,6 +131,15 @@ class AgentProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+
+def libfaketime() -> Path | None:
+    """The libfaketime preload library (Debian package faketime, in .ci/sysdeps.sh), or None."""
+    for pattern in ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return Path(found[0])
+    return None
 
 
 def wait_file_lines(path: Path, count: int, timeout: float) -> list[str]:

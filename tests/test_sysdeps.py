@@ -26,7 +26,7 @@ def test_missing_packages_are_named_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    packages = "mosquitto mosquitto-clients docker-compose make openssl iproute2 nftables python3-venv"
+    packages = "mosquitto mosquitto-clients docker-compose make openssl iproute2 nftables python3-venv faketime"
     assert (
         line == f"sysdeps: missing {packages}; install with: sudo apt-get install -y --no-install-recommends {packages}"
     )
@@ -37,7 +37,7 @@ def test_nothing_missing_says_nothing(tmp_path: Path) -> None:
     assert id_command
     (tmp_path / "id").symlink_to(id_command)
     # Stand-ins that exist (and, for python3, succeed at `import ensurepip`).
-    for name in ("mosquitto", "mosquitto_pub", "docker-compose", "make", "openssl", "ip", "nft", "python3"):
+    for name in ("mosquitto", "mosquitto_pub", "docker-compose", "make", "openssl", "ip", "nft", "python3", "faketime"):
         fake = tmp_path / name
         fake.write_text("#!/bin/sh\nexit 0\n")
         fake.chmod(0o755)

@@ -491,6 +491,8 @@ class Demo:
             "keepalive": "5s",
             "reconnect": {"initial": "100ms", "maximum": "1s", "jitter": "100ms"},
             "release_public_key": str(self.pki.release_pub),
+            # Desired state and commands must be signed with the PKI's control key (the controller does).
+            "controller_public_key": str(self.pki.device_control_pub(node)),
             "workload": {
                 # Before the first release: an idle placeholder (the path names it as the demo's).
                 "command": [sys.executable, "-c", "import time; time.sleep(3600)", str(directory)],

@@ -207,6 +207,8 @@ class SimDevice:
     state: UpdateState = UpdateState.IDLE
     healthy: bool = True
     commands: core.CommandMemory = field(default_factory=lambda: core.CommandMemory(_SEEN_COMMANDS))
+    controller_clock: core.ControllerClock | None = None
+    """The controller's clock as learned from ``issued_at`` (not verified: the simulator checks no signature)."""
     failed_release: tuple[str, int] | None = None
     """(digest, generation) that failed or was rolled back: not retried for that generation."""
     heartbeat_seq: int = 0
@@ -531,6 +533,7 @@ class Simulator:
         except InvalidMessage as exc:
             self.stats.error(f"{device.node_id}: {exc}")
             return
+        self._learn_controller_time(device, desired.issued_at)
         decision = core.accept_desired(device.generation, desired.generation)
         if not decision.apply:
             if decision.reason is not None:
@@ -699,7 +702,9 @@ class Simulator:
         earlier = device.commands.status(command.id)
         if earlier is None:
             device.commands.record(command.id, "received")
-        intake = core.command_intake(command, earlier=earlier, now=time.time())
+        self._learn_controller_time(device, command.issued_at)
+        now = core.controller_now(device.controller_clock, time.time())  # expiry: on the controller's clock
+        intake = core.command_intake(command, earlier=earlier, now=now)
         if intake.remember:
             device.commands.record(command.id, intake.ack.value)
         self._ack(device, command.id, intake.ack, intake.detail)
@@ -710,6 +715,11 @@ class Simulator:
         device.commands.record(command.id, status.value)
         self._ack(device, command.id, status, detail)
         self.stats.commands_acked += 1
+
+    @staticmethod
+    def _learn_controller_time(device: SimDevice, issued_at: float | None) -> None:
+        if issued_at is not None:
+            device.controller_clock = core.learn_controller_time(device.controller_clock, issued_at, time.time())
 
     def _execute(self, device: SimDevice, command: Command) -> tuple[AckStatus, str | None]:
         action = command.action

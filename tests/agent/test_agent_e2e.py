@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -17,6 +18,7 @@ from fleet.protocol.messages import Ack, DesiredState, Event, Health, Reported
 from fleet.protocol.topics import Channel, node_topic
 from tests.agentproc import AgentProcess, settle, wait_file_lines
 from tests.conftest import Pki
+from tests.control import signed_command_json, signed_desired
 from tests.mqtt import Endpoint, MqttClient, Received, connected
 
 pytestmark = pytest.mark.timeout(120)
@@ -101,7 +103,12 @@ def mosquitto_pub(broker: Endpoint, pki: Pki, topic_name: str, message: str, *, 
 
 def publish_desired(broker: Endpoint, pki: Pki, desired: DesiredState) -> None:
     with connected(broker, pki.controller()) as controller:
-        controller.publish(topic(Channel.DESIRED), encode(desired), retain=True)
+        controller.publish(topic(Channel.DESIRED), encode(signed_desired(pki.paths, NODE, desired)), retain=True)
+
+
+def signed(pki: Pki, command_id: str, action: str, **options: Any) -> str:
+    """A command for NODE as `fleet sign` prints it: only ping and report may go unsigned."""
+    return signed_command_json(pki.paths, NODE, command_id, action, **options)
 
 
 def workload_starts(agent: AgentProcess) -> int:
@@ -115,11 +122,11 @@ def test_command_sent_while_stopped_runs_once_after_start(
     agent.start()
     agent.wait_log("workload started with pid")
     assert agent.stop() == 0
-    mosquitto_pub(broker, pki, topic(Channel.CMD), '{"id":"cmd-1","action":"restart"}')
+    mosquitto_pub(broker, pki, topic(Channel.CMD), signed(pki, "cmd-1", "restart"))
     agent.start()
     wait_ack(operator, "cmd-1", "done")
     assert workload_starts(agent) == 3  # first run, second run, the restart command
-    mosquitto_pub(broker, pki, topic(Channel.CMD), '{"id":"cmd-1","action":"restart"}')
+    mosquitto_pub(broker, pki, topic(Channel.CMD), signed(pki, "cmd-1", "restart"))
     wait_ack(operator, "cmd-1", "duplicate")
     settle(1.0)
     assert workload_starts(agent) == 3
@@ -133,7 +140,7 @@ def test_kill9_between_receiving_and_acknowledging_a_command_runs_it_once(
     agent.write_config(workload={"command": workload_writing_pids(pids)})
     agent.start(failpoints="command.received")
     (orphan,) = wait_file_lines(pids, 1, 20)
-    mosquitto_pub(broker, pki, topic(Channel.CMD), '{"id":"crash-1","action":"restart"}')
+    mosquitto_pub(broker, pki, topic(Channel.CMD), signed(pki, "crash-1", "restart"))
     assert agent.wait_exit(20) == -9
     assert psutil.pid_exists(int(orphan)), "kill -9 of the agent leaves its workload running"
     agent.start()
@@ -148,7 +155,7 @@ def test_kill9_between_receiving_and_acknowledging_a_command_runs_it_once(
 
 def test_bad_commands_are_answered(agent: AgentProcess, operator: MqttClient, broker: Endpoint, pki: Pki) -> None:
     agent.start()
-    mosquitto_pub(broker, pki, topic(Channel.CMD), '{"id":"u1","action":"launch-missiles"}')
+    mosquitto_pub(broker, pki, topic(Channel.CMD), signed(pki, "u1", "launch-missiles"))
     wait_ack(operator, "u1", "rejected")
     mosquitto_pub(broker, pki, topic(Channel.CMD), '{"id":"t1","action":42}')
     wait_ack(operator, "t1", "rejected")
@@ -161,7 +168,7 @@ def test_bad_commands_are_answered(agent: AgentProcess, operator: MqttClient, br
     done = wait_ack(operator, "p1", "done")
     assert decode(done.topic, done.payload, Ack).detail == "pong"
     assert agent.process is not None and agent.process.poll() is None
-    mosquitto_pub(broker, pki, topic(Channel.CMD), '{"id":"r1","action":"rollback"}')
+    mosquitto_pub(broker, pki, topic(Channel.CMD), signed(pki, "r1", "rollback"))
     failed = wait_ack(operator, "r1", "failed")
     assert decode(failed.topic, failed.payload, Ack).detail == "no previous release"
 

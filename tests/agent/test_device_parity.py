@@ -5,7 +5,9 @@ commands against each, over the same broker, and compares what they publish: eve
 and detail, in order) and the reported (generation, version, state) sequence. Covered: desired
 generations up, a replay and stale ones (ignored), a duplicate command id, an expired command, an
 unknown action, unexpected arguments, an invalid command, rollbacks whose from/to do not match
-(noop / failed), a rollback with nothing to go back to, ``report`` and ``reload``.
+(noop / failed), a rollback with nothing to go back to, ``report`` and ``reload``. Everything is
+signed as the controller signs it (the agent requires that; the simulator verifies nothing but
+judges expiry on the controller's clock from ``issued_at`` like the agent).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import functools
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,12 +25,15 @@ from typing import Any
 
 import pytest
 
+from certs import load_control_key
 from fleet.protocol.codec import decode, encode
 from fleet.protocol.messages import Ack, DesiredState, Reported
+from fleet.protocol.signing import sign_document
 from fleet.protocol.topics import Channel, node_topic
 from fleet.tools.sim import SimSettings, Simulator
 from tests.agentproc import AgentProcess
 from tests.conftest import Pki
+from tests.control import signed_desired
 from tests.mqtt import Endpoint, MqttClient, Received, connected, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,7 +87,15 @@ class Transcript:
     reported: list[tuple[int, str | None, str]]  # (generation, version, state), repeats folded
 
 
-def run_script(node: str, operator: MqttClient, controller: MqttClient) -> Transcript:
+def signed_payload(pki: Pki, node: str, payload: dict[str, Any]) -> bytes:
+    """The script's command for ``node``, signed as the controller signs (the agent requires it; the
+    simulator checks no signature). Signed raw, so even the invalid one reaches validation."""
+    now = time.time()
+    raw = payload | {"node": node, "kind": "cmd", "issued_at": now, "expires_at": payload.get("expires_at", now + 600)}
+    return json.dumps(sign_document(raw, load_control_key(pki.paths))).encode()
+
+
+def run_script(node: str, operator: MqttClient, controller: MqttClient, pki: Pki) -> Transcript:
     ack_topic, reported_topic = node_topic(node, Channel.ACK), node_topic(node, Channel.REPORTED)
 
     def reported_generation(message: Received, generation: int) -> bool:
@@ -100,11 +114,12 @@ def run_script(node: str, operator: MqttClient, controller: MqttClient) -> Trans
     for step in SCRIPT:
         if isinstance(step, Desired):
             desired = DesiredState(generation=step.generation, config={"step": step.generation})
-            controller.publish(node_topic(node, Channel.DESIRED), encode(desired), retain=True)
+            signed = signed_desired(pki.paths, node, desired)
+            controller.publish(node_topic(node, Channel.DESIRED), encode(signed), retain=True)
             if step.applied:
                 operator.expect(functools.partial(reported_generation, generation=step.generation))
         else:
-            operator.publish(node_topic(node, Channel.CMD), json.dumps(step.payload).encode())
+            operator.publish(node_topic(node, Channel.CMD), signed_payload(pki, node, step.payload))
             operator.expect(functools.partial(final_ack, command_id=step.payload["id"]))
     acks: list[tuple[str, str, str | None]] = []
     reported: list[tuple[int, str | None, str]] = []
@@ -133,7 +148,7 @@ def agent_transcript(broker: Endpoint, pki: Pki, workdir: Path) -> Transcript:
     with observers(broker, pki, AGENT_NODE) as (operator, controller):
         agent.start()
         try:
-            return run_script(AGENT_NODE, operator, controller)
+            return run_script(AGENT_NODE, operator, controller, pki)
         finally:
             agent.stop()
 
@@ -163,7 +178,7 @@ def sim_transcript(broker: Endpoint, pki: Pki) -> Transcript:
         thread = threading.Thread(target=main, name="parity-sim", daemon=True)
         thread.start()
         try:
-            return run_script(node, operator, controller)
+            return run_script(node, operator, controller, pki)
         finally:
             wait_until(lambda: simulator._loop is not None or not thread.is_alive(), 30, "simulator started")
             simulator.request_stop()

@@ -31,6 +31,7 @@ from tests.agent.test_https_source import RangeServer
 from tests.agentproc import AgentProcess
 from tests.apps import app_tree
 from tests.conftest import Pki, free_port
+from tests.control import signed_desired
 from tests.faultproxy import FaultProxy
 from tests.mqtt import Endpoint, MqttClient, Received, connected, wait_until
 
@@ -125,13 +126,17 @@ def make_agent(endpoint: Endpoint, pki: Pki, workdir: Path, releases: Releases, 
 def set_desired(endpoint: Endpoint, pki: Pki, generation: int, manifest: ReleaseManifest, *bases: str) -> None:
     desired = DesiredState(generation=generation, release=manifest.ref(delta_bases=bases))
     with connected(endpoint, pki.controller()) as controller:
-        controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), retain=True)
+        controller.publish(
+            node_topic(NODE, Channel.DESIRED), encode(signed_desired(pki.paths, NODE, desired)), retain=True
+        )
 
 
 def set_desired_ref(endpoint: Endpoint, pki: Pki, generation: int, ref: ReleaseRef) -> None:
     with connected(endpoint, pki.controller()) as controller:
         desired = DesiredState(generation=generation, release=ref)
-        controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), retain=True)
+        controller.publish(
+            node_topic(NODE, Channel.DESIRED), encode(signed_desired(pki.paths, NODE, desired)), retain=True
+        )
 
 
 @pytest.fixture
@@ -235,7 +240,9 @@ def test_forged_manifest_is_refused_and_nothing_installed(
         agent.start()
         with connected(embedded, pki.controller()) as controller:
             desired = DesiredState(generation=1, release=tampered)
-            controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), retain=True)
+            controller.publish(
+                node_topic(NODE, Channel.DESIRED), encode(signed_desired(pki.paths, NODE, desired)), retain=True
+            )
         reported = wait_reported(watcher, "failed")
         assert "refused" in (reported.detail or "")
         assert events(watcher, "release_refused")
