@@ -439,34 +439,42 @@ def fleet_nodes(pki: Pki) -> tuple[str, ...]:
     return FLEET
 
 
-def fetch_artifact(device: MqttClient, node: str, digest: str, window: int = 8, timeout: float = 5.0) -> bytes:
+@dataclass
+class Fetched:
+    artifact: bytes
+    stalls: int  # windows asked for again after a timeout
+
+
+def fetch_artifact(device: MqttClient, node: str, digest: str, window: int = 8, timeout: float = 5.0) -> Fetched:
     """A well-behaved device: window after window, asking again for what a timeout left missing."""
     chunks: dict[int, ArtifactChunk] = {}
     total: int | None = None
+    stalls = 0
     while total is None or len(chunks) < total:
         first = next(index for index in itertools.count() if index not in chunks)
         message = ArtifactRequest(digest=digest, first=first, window=window)
         device.publish(node_topic(node, Channel.ARTIFACT_REQ), encode(message))
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            end = first + window if total is None else min(first + window, total)
-            if all(index in chunks for index in range(first, end)):
-                break
+        while not all(
+            index in chunks for index in range(first, first + window if total is None else min(first + window, total))
+        ):
             try:
                 received = device.messages.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
+                stalls += 1
                 break
             chunk = decode(received.topic, received.payload, ArtifactChunk)
             assert chunk.error is None, chunk.error
             total = chunk.total
             chunks[chunk.index] = chunk
-    return reassemble(list(chunks.values()))
+    return Fetched(reassemble(list(chunks.values())), stalls)
 
 
 def fleet_download(
     endpoint: Endpoint, pki: Pki, nodes: tuple[str, ...], release: ReleaseManifest, expected: bytes
-) -> float:
-    """Seconds until every node has the whole artifact (connected and subscribed beforehand)."""
+) -> tuple[float, int]:
+    """Seconds until every node has the whole artifact (connected and subscribed beforehand), and
+    how many windows the nodes had to ask for again after a timeout."""
     clients = [MqttClient(endpoint, pki.device(node)).connect() for node in nodes]
     try:
         for node, client in zip(nodes, clients, strict=True):
@@ -477,13 +485,13 @@ def fleet_download(
                 pool.submit(fetch_artifact, client, node, release.digest)
                 for node, client in zip(nodes, clients, strict=True)
             ]
-            artifacts = [future.result(timeout=120) for future in futures]
+            fetched = [future.result(timeout=120) for future in futures]
             elapsed = time.monotonic() - started
     finally:
         for client in clients:
             client.close()
-    assert all(artifact == expected for artifact in artifacts)
-    return elapsed
+    assert all(one.artifact == expected for one in fetched)
+    return elapsed, sum(one.stalls for one in fetched)
 
 
 @contextmanager
@@ -564,18 +572,18 @@ def test_a_flooding_device_does_not_starve_the_fleet(
     try:
         fleet_download(mosquitto, pki, fleet_nodes[:1], releases.bulk, artifact)  # subscribed and warm
         for round_number in range(1, rounds + 1):
-            quiet = fleet_download(mosquitto, pki, fleet_nodes, releases.bulk, artifact)
+            quiet, quiet_stalls = fleet_download(mosquitto, pki, fleet_nodes, releases.bulk, artifact)
             if os.environ.get("FLOOD_CONTROL"):
                 with flooding(mosquitto, pki, releases, Channel.EVENTS):
                     time.sleep(1)
-                    control = fleet_download(mosquitto, pki, fleet_nodes, releases.bulk, artifact)
+                    control, _ = fleet_download(mosquitto, pki, fleet_nodes, releases.bulk, artifact)
                 print(f"round {round_number}: {control:.2f}s with a flood on a channel nobody serves")
             before = service.stats()
             with flooding(mosquitto, pki, releases) as flooder:
                 flood_started = time.monotonic()
                 # The flood is on before the fleet starts: the service has seen plenty of it.
                 wait_until(partial(flood_arrived, service, before.requests), 30, "the flood arrives")
-                flooded = fleet_download(mosquitto, pki, fleet_nodes, releases.bulk, artifact)
+                flooded, flooded_stalls = fleet_download(mosquitto, pki, fleet_nodes, releases.bulk, artifact)
                 assert flooder.stdin is not None and flooder.stdout is not None
                 flooder.stdin.close()
                 report = json.loads(flooder.stdout.readline())
@@ -588,7 +596,8 @@ def test_a_flooding_device_does_not_starve_the_fleet(
                 f"({report['bytes'] // KIB} KiB); service: {after.requests - before.requests} requests, "
                 f"{after.replaced - before.replaced} replaced, {after.clamped - before.clamped} clamped, "
                 f"{after.full_for_delta - before.full_for_delta} full-for-delta, "
-                f"{after.refused - before.refused} refused, {after.dropped - before.dropped} dropped"
+                f"{after.refused - before.refused} refused, {after.dropped - before.dropped} dropped; "
+                f"windows asked again after a timeout: {quiet_stalls} quiet, {flooded_stalls} flooded"
             )
             # Its share: one request waiting at a time (the rest replaced), windows clamped, and no
             # more bytes than its rate limit allows (a second's burst, then 1 MiB/s).
