@@ -99,6 +99,11 @@ export FLEET_AGENT_NODE_ID="$node"
 export FLEET_AGENT_TLS__CA="$pki/ca.pem"
 export FLEET_AGENT_TLS__CERT="$pki/devices/$node/cert.pem"
 export FLEET_AGENT_TLS__KEY="$pki/devices/$node/key.pem"
+# The controller's control.pub (`fleet certs device` copies it into the device's directory): desired
+# state and commands must be signed with its key, and the agent does not start without one.
+if [ -z "${FLEET_AGENT_CONTROLLER_PUBLIC_KEY:-}" ] && [ -f "$pki/devices/$node/control.pub" ]; then
+  export FLEET_AGENT_CONTROLLER_PUBLIC_KEY="$pki/devices/$node/control.pub"
+fi
 export FLEET_AGENT_STATE_DIR="$state/nodes/$node"
 mkdir -p "$FLEET_AGENT_STATE_DIR"
 say "claimed $node${FLEET_AGENT_SERVER_ADDR:+, broker $FLEET_AGENT_SERVER_ADDR}"
