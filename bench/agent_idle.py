@@ -161,6 +161,7 @@ class Rig:
     observer: StampedClient
     controller: StampedClient
     agent: BenchAgent
+    pki: BenchPki
     seen: list[Stamped] = field(default_factory=list)
 
     def collect(self) -> list[Stamped]:
@@ -193,7 +194,7 @@ def build_rig(stack: ExitStack, args: argparse.Namespace, workdir: Path) -> Rig:
     via_proxy = type(endpoint)(endpoint.kind, "127.0.0.1", proxy.port)
     agent = BenchAgent(NODE, via_proxy, pki.device(), workdir / "agent", extra=agent_settings(args.heartbeat_interval))
     stack.callback(agent.stop)
-    return Rig(proxy, observer, controller, agent)
+    return Rig(proxy, observer, controller, agent, pki)
 
 
 # ---- idle: memory, CPU, wire -------------------------------------------------------------------
@@ -327,7 +328,7 @@ def reconnect_round(rig: Rig, generation: int, outage: float) -> tuple[float, fl
     rig.proxy.refuse(True)
     rig.proxy.cut()
     desired = DesiredState(generation=generation, config={"bench_round": generation}, issued_at=time.time())
-    rig.controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), qos=1, retain=True)
+    rig.controller.publish(node_topic(NODE, Channel.DESIRED), encode(rig.pki.signed(desired)), qos=1, retain=True)
     time.sleep(outage)  # long enough for the agent's backoff to reach its cap
     before = _real_accepts(rig.proxy.stats)
     reopened = time.monotonic()

@@ -27,7 +27,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import paho.mqtt.client as mqtt  # noqa: E402 - after the sys.path fix, like every import below
 
-from certs import PkiPaths, init_pki, issue_device  # noqa: E402
+from certs import PkiPaths, init_pki, issue_device, load_control_key  # noqa: E402
+from fleet.protocol.messages import DesiredState  # noqa: E402
+from fleet.protocol.signing import sign_control  # noqa: E402
 from tests.agentproc import AgentProcess  # noqa: E402
 from tests.mqtt import Credentials, Endpoint, MqttClient  # noqa: E402
 
@@ -100,6 +102,12 @@ class BenchPki:
 
     def controller(self) -> Credentials:
         return Credentials(self.paths.ca_cert, self.paths.controller_cert, self.paths.controller_key)
+
+    def signed(self, desired: DesiredState) -> DesiredState:
+        """``desired`` for the node, signed with the control key as the controller signs it (agents
+        refuse unsigned desired state)."""
+        issued_at = desired.issued_at if desired.issued_at is not None else time.time()
+        return sign_control(desired, self.node_id, load_control_key(self.paths), issued_at=issued_at)
 
 
 # ---- brokers -----------------------------------------------------------------------------------

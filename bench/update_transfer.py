@@ -208,7 +208,7 @@ class Rig:
         release = manifest.ref(delta_bases=bases) if manifest is not None else None
         desired = DesiredState(generation=generation, release=release, issued_at=time.time())
         started = time.monotonic()
-        self.controller.publish(node_topic(NODE, Channel.DESIRED), encode(desired), qos=1, retain=True)
+        self.controller.publish(node_topic(NODE, Channel.DESIRED), encode(self.pki.signed(desired)), qos=1, retain=True)
         return started
 
     def new_agent(self, via_proxy: bool) -> BenchAgent:
