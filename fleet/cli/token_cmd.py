@@ -124,14 +124,13 @@ def parse_since(value: str) -> float:
     return moment.timestamp()
 
 
-def _audit_table(entries: list[AuditEntry]) -> Table:
-    table = Table(
-        "TIME", "ACTOR", "VIA", "ROLE", "ACTION", "TARGET", "OUTCOME", "STATUS", "REQUEST", "DETAIL",
-        box=None, title=f"{len(entries)} audit entries",
-    )  # fmt: skip
+def _audit_table(entries: list[AuditEntry], *, wide: bool = False) -> Table:
+    columns = ["TIME", "ACTOR", "VIA", "ROLE", "ACTION", "TARGET", "OUTCOME", "STATUS"]
+    columns += ["REQUEST", "DETAIL"] if wide else ["DETAIL"]
+    table = Table(*columns, box=None, title=f"{len(entries)} audit entries")
     styles = {"ok": "green", "failed": "yellow", "denied": "red"}
     for entry in entries:
-        table.add_row(
+        row: list[str | Text] = [
             when(entry.ts),
             entry.actor,
             entry.via,
@@ -140,9 +139,9 @@ def _audit_table(entries: list[AuditEntry]) -> Table:
             entry.target or "-",
             Text(entry.outcome, style=styles.get(entry.outcome, "")),
             str(entry.status),
-            entry.request_id,
-            entry.detail or "",
-        )
+        ]
+        row += [entry.request_id, entry.detail or ""] if wide else [entry.detail or ""]
+        table.add_row(*row)
     return table
 
 
@@ -169,7 +168,7 @@ def audit(
         params["since"] = parse_since(since)
     with controller_client(target(controller, certs, identity)) as client:
         entries = client.all_pages("/v1/audit", AuditEntry, params)
-    show(output, entries, lambda _wide: _audit_table(entries))
+    show(output, entries, lambda wide: _audit_table(entries, wide=wide))
 
 
 def whoami(
