@@ -91,7 +91,9 @@ class WorkloadSettings(Section):
 
 
 class UpdateSettings(Section):
-    window: int = Field(default=8, ge=1, le=256, description="chunks requested at once (flow control)")
+    # The release service serves at most 32 chunks per request (fleet.controller.release_service.MAX_WINDOW):
+    # a larger window would wait a whole request timeout for chunks that never come.
+    window: int = Field(default=8, ge=1, le=32, description="chunks requested at once (flow control)")
     request_timeout: PositiveDuration = 15.0
     max_failures: int = Field(default=5, ge=1, description="failed downloads of one release before giving up")
     no_probe_window: PositiveDuration = 10.0  # without a health probe, the workload must stay up this long

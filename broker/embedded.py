@@ -135,6 +135,9 @@ class BrokerSettings:
     listeners: tuple[Listener, ...]
     max_packet_size: int = 512 * 1024
     max_queued_messages: int = 100_000  # per offline session; the oldest is dropped beyond it
+    # Rendered for Mosquitto (max_queued_bytes): 32 MiB per client, about 8 windows of 32 x 128 KiB chunks.
+    # The embedded broker caps its queues by count only (it is for development and small fleets).
+    max_queued_bytes: int = 32 * 1024 * 1024
     session_expiry: float | None = 7 * 24 * 3600.0  # disconnected persistent sessions are kept this long
     crl_poll_interval: float = 2.0
 

@@ -93,6 +93,8 @@ def mosquitto_conf(settings: BrokerSettings, options: RenderOptions) -> str:
         "autosave_interval 5",
         # Offline devices queue commands: the default of 1000 dropped 2-10% of a QoS-1 flood here.
         f"max_queued_messages {settings.max_queued_messages}",
+        # A byte cap too: a count alone lets one client's queue hold 100,000 x 512 KiB.
+        f"max_queued_bytes {settings.max_queued_bytes}",
         f"max_packet_size {settings.max_packet_size}",
         "set_tcp_nodelay true",
         "connection_messages true",

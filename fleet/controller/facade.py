@@ -484,6 +484,9 @@ class FleetStats:
     artifact_chunks_sent: int = 0
     artifact_bytes_sent: int = 0
     artifact_requests_dropped: int = 0
+    artifact_requests_limited: dict[str, int] = field(default_factory=dict)
+    """Requests the release service's fair share cut: replaced, clamped, refused, full_for_delta."""
+    deltas_pending: int = 0
     tick_errors: int = 0
     leader: bool = True
     rejected_values: dict[str, int] = field(default_factory=dict)

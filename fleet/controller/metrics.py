@@ -216,6 +216,21 @@ def _families(stats: FleetStats) -> Iterable[Metric]:
         " means raise --max-transfers or stagger waves.",
         value=stats.artifact_requests_dropped,
     )
+    limited = CounterMetricFamily(
+        "fleet_artifact_requests_limited",
+        "Artifact requests the release service's fair share cut, by reason: replaced (a newer request of the same"
+        " device came while it waited), clamped (window cut to the cap), refused (error chunk), full_for_delta (no"
+        " prepared delta: the full artifact was served).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(stats.artifact_requests_limited.items()):
+        limited.add_metric([reason], count)
+    yield limited
+    yield GaugeMetricFamily(
+        "fleet_release_deltas_pending",
+        "Deltas queued or being made for rollouts that started (the first wave may get full artifacts until then).",
+        value=stats.deltas_pending,
+    )
     yield CounterMetricFamily(
         "fleet_controller_tick_errors", "Failures of the controller's periodic loop (should stay 0).",
         value=stats.tick_errors,

@@ -192,6 +192,7 @@ class Controller:
         if self._ticker is not None:
             self._ticker.join(timeout)
         self.release_service.stop()
+        self.releases.close()  # the delta worker: a half-made delta is never published under its final name
         self.registry.flush()
         if self.lease is not None and self.lease.held:
             self.lease.release()
@@ -517,6 +518,13 @@ class Controller:
             artifact_chunks_sent=release.chunks_sent,
             artifact_bytes_sent=release.bytes_sent,
             artifact_requests_dropped=release.dropped,
+            artifact_requests_limited={
+                "replaced": release.replaced,
+                "clamped": release.clamped,
+                "refused": release.refused,
+                "full_for_delta": release.full_for_delta,
+            },
+            deltas_pending=self.releases.deltas_pending(),
             tick_errors=self.tick_errors,
             leader=self.leader,
             rejected_values=merged(

@@ -88,7 +88,10 @@ class ReleaseSettings(Section):
     store: Path = Field(default=Path("releases"), description="release store directory")
     max_transfers: int = Field(default=8, ge=1, le=1024, description="artifact requests served at once")
     rate_limit: int | None = Field(
-        default=None, ge=1, description="artifact bytes per second per device (token bucket); none: unlimited"
+        default=None,
+        ge=0,
+        description="artifact bytes per second per device (token bucket); none: the release service's default"
+        " (1 MiB/s); 0: no limit",
     )
 
 
