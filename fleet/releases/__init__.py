@@ -19,7 +19,7 @@ limit caps them at 1024 x 128 KiB anyway).
 
 from fleet.protocol.artifacts import apply_delta, compress_full, decompress_full, make_delta, sha256_digest
 from fleet.releases.errors import ArtifactMismatch, ReleaseError, ReleaseNotFound
-from fleet.releases.manifest import MAX_CHUNKS, ReleaseManifest, verify_manifest_file
+from fleet.releases.manifest import MAX_CHUNKS, ReleaseManifest, ReleaseProbe, verify_manifest_file
 from fleet.releases.payload import build_payload, chunk_digests
 from fleet.releases.store import DELTA_WORTH_RATIO, DeltaStats, ReleaseStore, build_release
 
@@ -31,6 +31,7 @@ __all__ = [
     "ReleaseError",
     "ReleaseManifest",
     "ReleaseNotFound",
+    "ReleaseProbe",
     "ReleaseStore",
     "apply_delta",
     "build_payload",

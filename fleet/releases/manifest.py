@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fleet.protocol.errors import InvalidSignature
+from fleet.protocol.ids import RELEASE_NAME_PATTERN
 from fleet.protocol.messages import MAX_CHUNK_SIZE, ProbeSpec, ReleaseRef
 from fleet.protocol.signing import sign_manifest, verify_manifest
 from fleet.releases.errors import ReleaseError
@@ -26,11 +27,35 @@ MAX_CHUNKS = 1024
 
 # Names and versions become directory names in the store and on devices: no separators, no dot
 # first (no "..", no hidden files), and a length ReleaseRef accepts.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$"
+NAME_PATTERN = rf"^{RELEASE_NAME_PATTERN}$"
 RESERVED_VERSIONS = frozenset({"deltas"})  # STORE/<name>/deltas holds the deltas
 
 ReleaseName = Annotated[str, Field(pattern=NAME_PATTERN)]
 ChunkDigest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+
+
+class ReleaseProbe(ProbeSpec):
+    """A release's health probe (``manifest.health``). ``env`` declares the workload environment
+    variables ``${VAR}`` in ``target`` may take on a device (``env: [APP_PORT]``: one release,
+    each device its own port); the agent expands those and nothing else, and only in a release's
+    probe. Absent (None) it is left out of the signed document, so manifests without it keep
+    their signatures; an older agent ignores it."""
+
+    env: list[EnvName] | None = Field(default=None, max_length=64)
+
+    def plain(self) -> ProbeSpec:
+        """The probe without ``env`` (what a desired state or the local config would carry)."""
+        return ProbeSpec.model_validate(self.model_dump(exclude={"env"}))
+
+    def __eq__(self, other: object) -> bool:
+        # A release probe that declares no variables is that very probe.
+        if type(other) is ProbeSpec:
+            return self.env is None and self.plain() == other
+        return super().__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash(self.plain()) if self.env is None else super().__hash__()
 
 
 class ReleaseManifest(BaseModel):
@@ -48,7 +73,8 @@ class ReleaseManifest(BaseModel):
     chunk_digests: list[ChunkDigest] = Field(max_length=MAX_CHUNKS)
     entry: list[str] = Field(min_length=1)
     """The workload's command, relative to the unpacked release directory."""
-    health: ProbeSpec | None = None
+    health: ReleaseProbe | None = None
+    """Build with a ``ReleaseProbe`` to declare the variables its target may use (``env``)."""
     created_at: int = Field(ge=0)
     """Unix seconds; an integer so every JSON writer signs the same bytes."""
     signature: str | None = None

@@ -41,16 +41,16 @@ from rich.table import Table
 from certs import PkiPaths, init_pki, issue_device
 from fleet.controller.facade import NodeOutcome, NodeView, RolloutState, RolloutView, TokenCreated, WaveView
 from fleet.protocol.errors import FleetError
-from fleet.protocol.messages import ProbeSpec
 from fleet.protocol.signing import load_private_key
-from fleet.releases import ReleaseStore, build_release
+from fleet.releases import ReleaseProbe, ReleaseStore, build_release
 
 APP_NAME = "app"
 SELECTOR = {"demo": "yes"}
 WAVES = ["1", "2", "100%"]  # cumulative: the canary, one more node, then everyone
-HEALTH = ProbeSpec(
+HEALTH = ReleaseProbe(
     kind="http",
     target="http://127.0.0.1:${APP_PORT}/healthz",
+    env=["APP_PORT"],  # each device its own port: the release declares what its probe may expand
     initial_delay=0.3,
     period=0.3,
     timeout=1,

@@ -35,9 +35,8 @@ from typing import Any
 import pytest
 
 from certs import issue_device
-from fleet.protocol.messages import ProbeSpec
 from fleet.protocol.signing import load_private_key
-from fleet.releases import ReleaseManifest, build_release
+from fleet.releases import ReleaseManifest, ReleaseProbe, build_release
 from tests.agentproc import AgentProcess
 from tests.apps import app_tree
 from tests.conftest import MosquittoProcess, Pki, free_port
@@ -54,9 +53,10 @@ REAL = tuple(f"flt-{index}" for index in range(1, 7))
 CHURNING, AWAY = ("fsim-", 44), ("faway-", 8)
 CONTROLLER = "ctl-faults"
 PACKET_LOSS = 0.02
-HEALTH = ProbeSpec(
+HEALTH = ReleaseProbe(
     kind="http",
     target="http://127.0.0.1:${APP_PORT}/healthz",
+    env=["APP_PORT"],  # each device its own port: the release declares what its probe may expand
     initial_delay=0.3,
     period=0.5,
     timeout=1,

@@ -14,9 +14,8 @@ from typing import Any
 import pytest
 
 from certs import issue_device
-from fleet.protocol.messages import ProbeSpec
 from fleet.protocol.signing import load_private_key
-from fleet.releases import build_release
+from fleet.releases import ReleaseProbe, build_release
 from tests.agentproc import AgentProcess, settle
 from tests.apps import app_tree
 from tests.conftest import Pki, free_port
@@ -25,9 +24,10 @@ from tests.mqtt import Endpoint, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 NODES = ("gw-e1", "gw-e2", "gw-e3")  # gw-e1 is the canary (an operator label; gw-e3 claims the ring itself)
-HEALTH = ProbeSpec(
+HEALTH = ReleaseProbe(
     kind="http",
     target="http://127.0.0.1:${APP_PORT}/healthz",
+    env=["APP_PORT"],  # each device its own port: the release declares what its probe may expand
     initial_delay=0.3,
     period=0.3,
     timeout=1,
