@@ -23,7 +23,7 @@ from fleet.protocol.durations import parse_duration as parse_duration  # noqa: P
 from fleet.protocol.envvars import env_overrides as _env_overrides
 from fleet.protocol.envvars import merge as _merge
 from fleet.protocol.errors import ConfigError
-from fleet.protocol.ids import InvalidNodeId, validate_node_id
+from fleet.protocol.ids import InvalidNodeId, is_safe_release_name, validate_node_id
 from fleet.protocol.messages import ProbeSpec
 
 
@@ -88,6 +88,34 @@ class WorkloadSettings(Section):
     restart_backoff: BackoffSettings = BackoffSettings(initial=1.0, maximum=300.0, jitter=0.5)
     healthy_after: PositiveDuration = 30.0
     health: HealthSettings | None = None
+    user: str | None = Field(
+        default=None,
+        description="run the workload (and exec probes) as this user, its primary group, no other groups;"
+        " the agent must be root for it (the shipped unit keeps just the capabilities it needs)",
+    )
+    release: str | None = Field(
+        default=None,
+        description="the name of the release this node runs: a desired release of another name is refused",
+    )
+
+    @field_validator("user")
+    @classmethod
+    def _known_user(cls, value: str | None) -> str | None:
+        if value is not None:
+            import pwd
+
+            try:
+                pwd.getpwnam(value)
+            except KeyError:
+                raise ValueError(f"no user {value!r} on this system") from None
+        return value
+
+    @field_validator("release")
+    @classmethod
+    def _release_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_safe_release_name(value):
+            raise ValueError(f"{value!r} is not a release name: 1-128 characters of A-Z a-z 0-9 . _ + -")
+        return value
 
 
 class UpdateSettings(Section):

@@ -26,13 +26,14 @@ from agent.link import Link
 from agent.localconfig import LocalConfig
 from agent.outbox import Outbox
 from agent.probes import HealthMonitor
+from agent.runas import prepare_state_dir
 from agent.store import Store
 from agent.telemetry import Telemetry
 from agent.trust import ControllerKey
 from agent.update.hooks import Hooks
 from agent.update.releases import Release
 from agent.updater import Updater
-from agent.workload_host import WorkloadHost, reap_orphaned_workload
+from agent.workload_host import WorkloadHost, popen_user, reap_orphaned_workload
 from fleet.protocol.topics import Channel
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Agent:
     def __init__(self, settings: AgentSettings, config_path: Path | None = None) -> None:
         self.settings = settings
         self.node = settings.node_id
+        prepare_state_dir(settings)  # the agent's alone, but what the workload's user must read (agent.runas)
         self.store = Store(settings.state_dir / "agent.db", outbox_limit=settings.outbox_limit)
         self.counters: Counter[str] = Counter()
         self._stop = asyncio.Event()
@@ -65,6 +67,7 @@ class Agent:
             runtime_from(settings, desired).probe,
             on_change=self.telemetry.publish_health,
             on_result=self.telemetry.probe_ran,
+            run_as=popen_user(settings),  # exec probes as the workload's user
         )
         key = ControllerKey.from_settings(settings, self.store)  # ConfigError without a key (agent.trust)
         self.desired = Desired(
@@ -187,4 +190,5 @@ class Agent:
         self.transport.settings = settings
         self.commands.settings = settings
         self.workload.settings = settings
+        self.health.run_as = popen_user(settings)
         self.desired.apply_settings(settings)

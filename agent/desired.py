@@ -4,6 +4,18 @@ The newest generation wins and is stored before the broker is told it arrived, s
 converges to the same state. Desired config overlays the local settings into the ``Runtime`` the
 agent applies without restarting (heartbeat interval, labels, health probe) and is written to
 ``config.json`` for the workload; what the node then runs is published as ``reported``.
+
+A document is checked completely before it is stored (:func:`check_desired`): one the agent
+cannot or will not apply is refused (event ``desired_rejected``, ``reported`` unchanged) and the
+last good one stays in force. What a desired state cannot do:
+
+- run a command: its health probe may be ``http`` or ``tcp``, never ``exec`` (that comes only
+  from the signed release manifest or the local config file), and its target is taken literally;
+- switch the node to another workload: a release whose name is not the one this node runs (the
+  local ``workload.release``, else the installed release's name) is refused, unless the desired
+  config says ``allow_release_change: true`` and the local config names no release;
+- name a release or version that is not a safe path component;
+- stop the agent with config it cannot parse (``heartbeat_interval``, ``labels``, non-JSON values).
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import string
 import time
 from collections import Counter
@@ -23,20 +36,29 @@ from agent import core
 from agent.config import AgentSettings, parse_duration
 from agent.files import write_atomically
 from agent.outbox import Outbox
-from agent.probes import HealthMonitor
+from agent.probes import HealthMonitor, target_problem
+from agent.runas import needs_rewrite, owner
 from agent.store import OutboxKind, Store
 from agent.telemetry import Telemetry
 from agent.transport import Inbound, Transport
 from agent.trust import ControllerKey
-from agent.update.releases import Release
+from agent.update.releases import Release, Releases, UpdateFailed, check_release_ref
 from fleet.protocol.codec import decode_raw, encode_document, validate
-from fleet.protocol.errors import InvalidMessage
+from fleet.protocol.errors import FleetError, InvalidMessage
 from fleet.protocol.messages import DesiredState, ProbeSpec, ReleaseRef, Reported, UpdateState
 from fleet.protocol.topics import Channel
 
 log = logging.getLogger(__name__)
 
 DESIRED_KEY = "desired"
+ALLOW_RELEASE_CHANGE = "allow_release_change"
+"""Desired config: ``true`` lets a release of another name replace the installed one."""
+MAX_LABELS, MAX_LABEL_KEY, MAX_LABEL_VALUE = 64, 128, 256  # what the controller takes in ``reported``
+CONFIG_JSON_MODE = 0o600
+
+
+class DesiredRefused(FleetError):
+    """A valid desired-state document this agent will not apply; the message says why."""
 
 
 @dataclass
@@ -47,15 +69,22 @@ class Runtime:
     labels: dict[str, str]
     probe: ProbeSpec | None
     config: dict[str, Any] = field(default_factory=dict)
+    probe_template: str | None = None  # the release probe's target before ${VAR}: what is logged
 
     def digest(self) -> str:
         text = json.dumps([self.heartbeat_interval, self.labels, self.config], sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def local_probe(settings: AgentSettings) -> ProbeSpec | None:
+    """The local config file's probe (``workload.health``)."""
+    return settings.workload.health.spec() if settings.workload and settings.workload.health else None
+
+
 def runtime_from(settings: AgentSettings, desired: DesiredState | None) -> Runtime:
-    workload_probe = settings.workload.health.spec() if settings.workload and settings.workload.health else None
-    runtime = Runtime(settings.heartbeat_interval, dict(settings.labels), workload_probe)
+    """The local settings overlaid by ``desired``'s config and probe; ``desired`` passed
+    :func:`check_document` (else ValueError for a duration it cannot parse)."""
+    runtime = Runtime(settings.heartbeat_interval, dict(settings.labels), local_probe(settings))
     if desired is None:
         return runtime
     config = dict(desired.config)
@@ -75,27 +104,126 @@ def config_json_path(state_dir: Path) -> Path:
 
 
 def load_desired(store: Store, node: str) -> DesiredState | None:
+    """The stored desired state; None (logged) when there is none or it is unreadable or unusable:
+    the agent then starts without it and converges from the retained topic."""
     stored = store.get(DESIRED_KEY)
     if stored is None:
         return None
     try:
-        return validate(DESIRED_KEY, decode_raw(DESIRED_KEY, stored), DesiredState)
-    except InvalidMessage as exc:
-        log.error("%s: stored desired state unreadable, starting without it: %s", node, exc)
+        desired = validate(DESIRED_KEY, decode_raw(DESIRED_KEY, stored), DesiredState)
+        check_document(desired)
+    except (InvalidMessage, DesiredRefused) as exc:
+        log.error("%s: stored desired state unusable, starting without it: %s", node, exc)
         return None
+    return desired
+
+
+# ---- what a desired state may ask for --------------------------------------------------------
+
+
+def check_document(desired: DesiredState) -> None:
+    """DesiredRefused unless everything in ``desired`` can be applied, whatever the local settings:
+    the probe (never ``exec``), the config's ``heartbeat_interval``, ``labels`` and
+    ``allow_release_change``, JSON-only config values, the release's name and version."""
+    probe = desired.health
+    if probe is not None:
+        if probe.kind == "exec":
+            raise DesiredRefused(
+                "health: an exec probe runs a command on the device; it may come only from a signed"
+                " release manifest or the local config file, never from desired state"
+            )
+        problem = target_problem(probe)
+        if problem is not None:
+            raise DesiredRefused(f"health: {problem}")
+    config = desired.config
+    if "heartbeat_interval" in config:
+        try:
+            seconds = parse_duration(config["heartbeat_interval"])
+        except ValueError as exc:
+            raise DesiredRefused(f"config.heartbeat_interval: {exc}") from exc
+        if not math.isfinite(seconds):
+            raise DesiredRefused("config.heartbeat_interval: must be a finite duration")
+    if "labels" in config:
+        _check_labels(config["labels"])
+    if not isinstance(config.get(ALLOW_RELEASE_CHANGE, False), bool):
+        raise DesiredRefused(f"config.{ALLOW_RELEASE_CHANGE}: must be true or false")
+    try:
+        json.dumps(config, sort_keys=True, allow_nan=False)  # as config.json is written
+    except (TypeError, ValueError) as exc:
+        raise DesiredRefused(f"config: not a JSON object with string keys: {exc}") from exc
+    if desired.release is not None:
+        try:
+            check_release_ref(desired.release)
+        except UpdateFailed as exc:
+            raise DesiredRefused(str(exc)) from exc
+
+
+def _check_labels(labels: object) -> None:
+    if not isinstance(labels, dict):
+        raise DesiredRefused("config.labels: must be a mapping of label names to values")
+    if len(labels) > MAX_LABELS:
+        raise DesiredRefused(f"config.labels: {len(labels)} labels, more than {MAX_LABELS}")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not key or len(key) > MAX_LABEL_KEY:
+            raise DesiredRefused(f"config.labels: a label name must be 1-{MAX_LABEL_KEY} characters")
+        if isinstance(value, dict | list) or value is None or len(str(value)) > MAX_LABEL_VALUE:
+            raise DesiredRefused(
+                f"config.labels.{key}: a value must be a string or number of at most {MAX_LABEL_VALUE} characters"
+            )
+
+
+def check_desired(settings: AgentSettings, desired: DesiredState, installed: str | None) -> Runtime:
+    """The ``Runtime`` ``desired`` yields on this node; DesiredRefused when it cannot or must not be
+    applied (:func:`check_document`, and the release name rule). ``installed``: the name of the
+    release this node runs (else of its previous one; None: none yet).
+
+    The release name rule: the local ``workload.release`` names the release this node runs, and
+    nothing the network says changes it; without it, the installed release's name does, unless
+    the desired config says ``allow_release_change: true``; a node with neither takes its first
+    release by any name."""
+    check_document(desired)
+    release = desired.release
+    pinned = settings.workload.release if settings.workload is not None else None
+    if release is not None and pinned is not None and release.name != pinned:
+        raise DesiredRefused(
+            f"release {release.name!r} refused: this node runs {pinned!r} (workload.release in its local config)"
+        )
+    if (
+        release is not None
+        and pinned is None
+        and installed is not None
+        and release.name != installed
+        and desired.config.get(ALLOW_RELEASE_CHANGE) is not True
+    ):
+        raise DesiredRefused(
+            f"release {release.name!r} refused: this node runs {installed!r};"
+            f" set {ALLOW_RELEASE_CHANGE}: true in the desired config to switch it to another workload"
+        )
+    try:
+        runtime = runtime_from(settings, desired)
+    except ValueError as exc:  # check_document parsed it already; never stop the agent over it
+        raise DesiredRefused(f"config: {exc}") from exc
+    if len(runtime.labels) > MAX_LABELS:
+        raise DesiredRefused(f"config.labels: {len(runtime.labels)} labels with the local ones, more than {MAX_LABELS}")
+    return runtime
 
 
 def release_probe(
     desired: DesiredState | None, release: Release | None, fallback: ProbeSpec | None, env: dict[str, str]
 ) -> ProbeSpec | None:
     """Probe precedence: desired state's health spec, then the release's, then ``fallback`` (the
-    local file's); ``${VAR}`` in its target comes from the workload's environment."""
-    desired_probe = desired.health if desired is not None else None
-    probe = desired_probe or (release.health if release is not None else None) or fallback
-    if probe is not None and "$" in probe.target:
+    local file's). Only the release's is expanded: ``${VAR}`` in its target comes from the
+    workload's environment for the variables the signed manifest declares (``health.env``); the
+    others are taken literally."""
+    if desired is not None and desired.health is not None:
+        return desired.health
+    if release is None or release.health is None:
+        return fallback
+    probe = release.health
+    allowed = {name: value for name, value in env.items() if name in release.health_env}
+    if allowed and "$" in probe.target:
         # One release serves many devices: ${APP_PORT} etc. come from this device's workload env.
-        target = string.Template(probe.target).safe_substitute(env)
-        probe = probe.model_copy(update={"target": target})
+        probe = probe.model_copy(update={"target": string.Template(probe.target).safe_substitute(allowed)})
     return probe
 
 
@@ -131,6 +259,9 @@ class Desired:
         self._converge = converge
         self.counters = counters
         self._update_state = UpdateState.IDLE
+        self._release: Release | None = None  # what runs (None: the configured workload), for its probe
+        self._env: dict[str, str] = {}  # the workload's environment, for the release probe's ${VAR}
+        self._fix_config_json()
 
     @property
     def generation(self) -> int:
@@ -163,28 +294,53 @@ class Desired:
                 log.warning("%s: %s", self.node, decision.reason)
             self.transport.ack(inbound)
             return
+        try:  # all of it, before it is stored: a bad document never replaces the last good one
+            check_desired(self.settings, desired, Releases(self.settings.state_dir, self.store).installed_name())
+        except DesiredRefused as exc:
+            self._reject(inbound, desired.generation, str(exc))
+            return
         self.store.put(DESIRED_KEY, encode_document(raw))
         self.transport.ack(inbound)
         self.state = desired
         log.info("%s: applying desired generation %d", self.node, desired.generation)
-        self._apply_runtime(runtime_from(self.settings, desired))
+        self._apply_runtime(self._runtime(desired))
         self.report()
         self._converge(desired.release, desired.generation)
+
+    # ---- runtime settings ------------------------------------------------------------------
+
+    def _reject(self, inbound: Inbound, generation: int, reason: str) -> None:
+        """A valid document this agent will not apply: say why; the last good one stays."""
+        log.warning("%s: refused desired generation %d: %s", self.node, generation, reason)
+        self.counters["desired_rejected"] += 1
+        self.telemetry.event("desired_rejected", reason, {"generation": generation})
+        self.transport.ack(inbound)
 
     # ---- runtime settings ------------------------------------------------------------------
 
     def apply_settings(self, settings: AgentSettings) -> None:
         """The local configuration file changed: overlay the desired config on it again."""
         self.settings = settings
-        self._apply_runtime(runtime_from(settings, self.state))
+        self._apply_runtime(self._runtime(self.state))
         self.report()
 
     def apply_release_probe(self, release: Release | None, env: dict[str, str]) -> None:
         """Watch ``release`` (None: the configured workload) with the probe that applies to it."""
-        probe = release_probe(self.state, release, self.runtime.probe, env)
-        self.runtime.probe = probe
-        self.health.set_spec(probe)
+        self._release, self._env = release, env
+        runtime = self._runtime(self.state)
+        self.runtime.probe, self.runtime.probe_template = runtime.probe, runtime.probe_template
+        self.health.set_spec(runtime.probe, shown=runtime.probe_template)
         self.health.reset()
+
+    def _runtime(self, state: DesiredState | None) -> Runtime:
+        """``runtime_from`` with the probe that applies to what runs (``release_probe``)."""
+        runtime = runtime_from(self.settings, state)
+        fallback = local_probe(self.settings)
+        runtime.probe = release_probe(state, self._release, fallback, self._env)
+        template = release_probe(state, self._release, fallback, {})
+        if runtime.probe is not None and template is not None and template.target != runtime.probe.target:
+            runtime.probe_template = template.target
+        return runtime
 
     def _apply_runtime(self, runtime: Runtime) -> None:
         old = self.runtime
@@ -192,10 +348,26 @@ class Desired:
         if runtime.heartbeat_interval != old.heartbeat_interval:
             self.telemetry.heartbeat_interval_changed()
         if runtime.probe != old.probe:
-            self.health.set_spec(runtime.probe)
+            self.health.set_spec(runtime.probe, shown=runtime.probe_template)
         path = config_json_path(self.settings.state_dir)
-        if runtime.config != old.config or not path.exists():
-            write_atomically(path, json.dumps(runtime.config, sort_keys=True).encode())
+        if runtime.config != old.config or needs_rewrite(path, CONFIG_JSON_MODE, owner(self.settings)):
+            self._write_config_json()
+
+    def _write_config_json(self) -> None:
+        """``config.json``: 0600, the workload user's when it has one (it must read it)."""
+        path = config_json_path(self.settings.state_dir)
+        data = json.dumps(self.runtime.config, sort_keys=True).encode()
+        write_atomically(path, data, CONFIG_JSON_MODE, owner(self.settings))
+
+    def _fix_config_json(self) -> None:
+        """At start: an older agent's (or another user's) ``config.json`` gets its mode and owner."""
+        path = config_json_path(self.settings.state_dir)
+        if path.exists() and needs_rewrite(path, CONFIG_JSON_MODE, owner(self.settings)):
+            try:
+                config = json.loads(path.read_bytes())
+            except ValueError:
+                config = self.runtime.config
+            write_atomically(path, json.dumps(config, sort_keys=True).encode(), CONFIG_JSON_MODE, owner(self.settings))
 
     # ---- reported --------------------------------------------------------------------------
 

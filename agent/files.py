@@ -7,7 +7,9 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
+    """Replace ``path`` with ``data``; the new file has ``mode`` (and ``owner``, uid and gid) before
+    it takes the name, so it is never readable by anyone it is not meant for."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -16,6 +18,8 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temp, mode)
+        if owner is not None:
+            os.chown(temp, *owner)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -13,12 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import signal
+import string
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from fleet.protocol.messages import ProbeResult, ProbeSpec
@@ -34,19 +37,75 @@ _PROBE_FAILURES = (OSError, TimeoutError, ValueError, EOFError)
 # -- one probe ------------------------------------------------------------------------------------
 
 
-async def run_probe(spec: ProbeSpec) -> ProbeResult:
-    """Run one probe within ``spec.timeout``; never raises except ``CancelledError``."""
-    check = _CHECKS[spec.kind]
+async def run_probe(
+    spec: ProbeSpec, *, shown: str | None = None, run_as: Mapping[str, Any] | None = None
+) -> ProbeResult:
+    """Run one probe within ``spec.timeout``; never raises except ``CancelledError``.
+
+    ``shown``: the target as it may be told (the template ``spec.target`` was expanded from, which
+    may have put a secret in it): the detail says that instead. ``run_as``: ``subprocess`` keywords
+    (``user``, ``group``, ``extra_groups``) an ``exec`` probe's command is started with."""
     started = time.monotonic()
     try:
         async with asyncio.timeout(spec.timeout):
-            ok, detail = await check(spec.target)
+            if spec.kind == "exec":
+                ok, detail = await _check_exec(spec.target, run_as)
+            else:
+                ok, detail = await _CHECKS[spec.kind](spec.target)
     except TimeoutError:
         ok, detail = False, f"timed out after {spec.timeout:g}s"
     except _PROBE_FAILURES as exc:
         ok, detail = False, _describe_error(exc)
+    if shown is not None and shown != spec.target:
+        detail = _hide(detail, spec.target, shown)
     latency_ms = (time.monotonic() - started) * 1000.0
     return ProbeResult(name=spec.kind, ok=ok, detail=detail, latency_ms=round(latency_ms, 3))
+
+
+def _hide(text: str, target: str, shown: str) -> str:
+    """``text`` with the expanded ``target`` replaced by its template ``shown``, and each value
+    that went into it (of three characters or more) by its ``${NAME}``, wherever it appears."""
+    for spelling in (repr(target)[1:-1], target):
+        text = text.replace(spelling, shown)
+    for name, value in _expanded_values(shown, target).items():
+        if len(value) >= 3:
+            text = text.replace(value, "${" + name + "}")
+    return text
+
+
+def _expanded_values(template: str, target: str) -> dict[str, str]:
+    """What each ``${NAME}`` of ``template`` became in ``target`` (``string.Template`` syntax)."""
+    parts: list[str] = []
+    names: list[str] = []
+    position = 0
+    for match in string.Template.pattern.finditer(template):
+        parts.append(re.escape(template[position : match.start()]))
+        name = match.group("named") or match.group("braced")
+        if name:
+            parts.append(f"(?P<v{len(names)}>.*?)")
+            names.append(name)
+        else:
+            parts.append(re.escape("$" if match.group("escaped") is not None else match.group(0)))
+        position = match.end()
+    parts.append(re.escape(template[position:]))
+    found = re.fullmatch("".join(parts), target, re.DOTALL)
+    if found is None:
+        return {}
+    return {name: found.group(f"v{index}") for index, name in enumerate(names)}
+
+
+def target_problem(spec: ProbeSpec) -> str | None:
+    """Why ``spec.target`` cannot be probed as its kind says (None: it can), checked before it is taken."""
+    try:
+        if spec.kind == "http":
+            _parse_http_target(spec.target)
+        elif spec.kind == "tcp":
+            _parse_host_port(spec.target)
+        elif not shlex.split(spec.target):
+            return "exec probe target is an empty command"
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -112,7 +171,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-async def _check_exec(target: str) -> tuple[bool, str]:
+async def _check_exec(target: str, run_as: Mapping[str, Any] | None = None) -> tuple[bool, str]:
     argv = shlex.split(target)
     if not argv:
         raise ValueError("exec probe target is an empty command")
@@ -122,6 +181,7 @@ async def _check_exec(target: str) -> tuple[bool, str]:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
         start_new_session=True,  # own process group, so a timeout kills everything it started
+        **(run_as or {}),  # the workload's user (workload.user): a probe is no way to root
     )
     try:
         returncode = await process.wait()
@@ -142,7 +202,6 @@ def _kill_group(pgid: int) -> None:
 _CHECKS: dict[str, Callable[[str], Awaitable[tuple[bool, str]]]] = {
     "http": _check_http,
     "tcp": _check_tcp,
-    "exec": _check_exec,
 }
 
 
@@ -186,9 +245,13 @@ class HealthMonitor:
         spec: ProbeSpec | None,
         on_change: Callable[[HealthState], None],
         on_result: Callable[[HealthState], None] = _ignore,
+        *,
+        run_as: Mapping[str, Any] | None = None,
     ) -> None:
         self.node_id = node_id
         self._spec = spec
+        self._shown: str | None = None  # the template the target was expanded from: what is told
+        self.run_as = run_as  # subprocess keywords for exec probes (the workload's user)
         self._on_change = on_change
         self._on_result = on_result
         self._state = HealthState(healthy=None, consecutive_failures=0, last=None, since=time.monotonic())
@@ -211,11 +274,14 @@ class HealthMonitor:
         self._restart_schedule()
         self._set_state(None, 0, None)
 
-    def set_spec(self, spec: ProbeSpec | None) -> None:
-        """Hot-reload the probe settings; takes effect at once."""
+    def set_spec(self, spec: ProbeSpec | None, *, shown: str | None = None) -> None:
+        """Hot-reload the probe settings; takes effect at once. ``shown``: the target's template,
+        logged and reported instead of the expanded target (which may carry a secret)."""
+        self._shown = shown
         if spec == self._spec:
             return
-        logger.info("%s: health probe set to %s", self.node_id, spec)
+        told = spec.model_copy(update={"target": shown}) if spec is not None and shown is not None else spec
+        logger.info("%s: health probe set to %s", self.node_id, told)
         self._spec = spec
         self._generation += 1
         self._wake.set()
@@ -263,7 +329,7 @@ class HealthMonitor:
     async def _probe(self, spec: ProbeSpec) -> None:
         generation = self._generation
         self._last_probe_start = time.monotonic()
-        result = await run_probe(spec)
+        result = await run_probe(spec, shown=self._shown, run_as=self.run_as)
         if generation != self._generation:
             logger.debug("%s: discarding a probe result of replaced settings", self.node_id)
             return

@@ -9,6 +9,7 @@ state (retained topics) keeps only the newest message per topic.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -47,6 +48,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at REAL NOT NULL
 );
 """
+
+
+def _only_owner(path: Path) -> None:
+    if path.stat().st_mode & 0o777 != 0o600:
+        os.chmod(path, 0o600)
 
 
 class OutboxKind(StrEnum):
@@ -94,11 +100,17 @@ class CommandRecord:
 class Store:
     def __init__(self, path: Path, *, outbox_limit: int = 10_000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # 0600 whatever the umask: SQLite gives the -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        _only_owner(path)
         # check_same_thread=False: only the event loop thread uses it, but tests open it elsewhere.
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        for journal in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if journal.exists():
+                _only_owner(journal)  # an older agent's, made before the database file was 0600
         self.outbox_limit = outbox_limit
         self.telemetry_dropped = 0
 

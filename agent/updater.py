@@ -24,7 +24,7 @@ from agent.update.decode import decode_artifact, verified_manifest
 from agent.update.download import Downloader, delta_base
 from agent.update.hooks import Hooks
 from agent.update.install import Installer
-from agent.update.releases import DIGEST, FAILED_KEY, UPDATE_KEY, Release, Releases, UpdateFailed
+from agent.update.releases import DIGEST, FAILED_KEY, UPDATE_KEY, Release, Releases, UpdateFailed, check_release_ref
 from fleet.protocol.errors import InvalidMessage
 from fleet.protocol.messages import ReleaseRef, UpdateState
 
@@ -97,6 +97,7 @@ class Updater:
 
     async def _attempt(self, target: ReleaseRef, generation: int) -> None:
         try:
+            check_release_ref(target)  # before any path is built from its name or version
             manifest = verified_manifest(target, self.settings.release_public_key, self.hooks.event)
             release = self.releases.installed(target)
             if release is None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from agent.backoff import Backoff, BackoffPolicy
 
@@ -82,6 +82,7 @@ class Supervisor:
         stop_timeout: float = 10.0,
         log_file: Path | None = None,
         on_event: Callable[[WorkloadEvent], None] = lambda event: None,
+        run_as: Mapping[str, Any] | None = None,
     ) -> None:
         if not command:
             raise ValueError("workload command must not be empty")
@@ -96,6 +97,7 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.log_file = log_file
         self._on_event = on_event
+        self.run_as = dict(run_as) if run_as is not None else {}  # subprocess user/group/extra_groups
 
         self.restarts = 0
         self.last_exit_code: int | None = None
@@ -225,6 +227,7 @@ class Supervisor:
                     cwd=self._cwd,
                     env=self._env,
                     start_new_session=True,  # own process group: stop() signals every descendant
+                    **self.run_as,  # the workload's own user (workload.user), none of root's groups
                 )
         except OSError as exc:
             self._process = None
@@ -235,11 +238,15 @@ class Supervisor:
         return None
 
     def _open_log(self) -> AbstractContextManager[IO[bytes] | None]:
-        """The log opened for appending; the parent closes its copy once the child has inherited it."""
+        """The log opened for appending, 0600 (the agent's: a workload of its own user writes it
+        through the inherited descriptor); the parent closes its copy once the child has it."""
         if self.log_file is None:
             return nullcontext()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        return self.log_file.open("ab")
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if os.fstat(fd).st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)  # an older agent's log
+        return open(fd, "ab")  # closed by the caller's with
 
     def _delay_after(self, exited: _Exit) -> float:
         """Backoff before the next start; also tracks crash loops. Requested restarts do not wait."""

@@ -26,6 +26,7 @@ from agent.config import AgentSettings
 from agent.desired import config_json_path
 from agent.jobs import Jobs
 from agent.probes import HealthMonitor
+from agent.runas import run_as
 from agent.store import Store
 from agent.update.releases import Release
 from agent.workload import Supervisor, WorkloadEvent
@@ -50,7 +51,15 @@ def workload_spec(settings: AgentSettings, release: Release | None) -> tuple[lis
 def workload_env(settings: AgentSettings) -> dict[str, str]:
     workload = settings.workload
     extra = dict(workload.env) if workload is not None else {}
-    return {**os.environ, **extra, "FLEET_CONFIG": str(config_json_path(settings.state_dir))}
+    user = run_as(settings)
+    identity = user.env() if user is not None else {}
+    return {**os.environ, **identity, **extra, "FLEET_CONFIG": str(config_json_path(settings.state_dir))}
+
+
+def popen_user(settings: AgentSettings) -> dict[str, Any]:
+    """``subprocess`` keywords that start a process as the workload's user ({}: the agent's own)."""
+    user = run_as(settings)
+    return user.popen_kwargs() if user is not None else {}
 
 
 async def reap_orphaned_workload(store: Store, node: str) -> None:
@@ -131,6 +140,7 @@ class WorkloadHost:
             return
         command, cwd = spec
         self.supervisor.set_command(command, cwd=cwd, env=self.env())
+        self.supervisor.run_as = popen_user(self.settings)
         await self.supervisor.restart()
 
     async def restart(self) -> int | None:
@@ -160,6 +170,7 @@ class WorkloadHost:
             healthy_after=workload.healthy_after if workload is not None else 30.0,
             log_file=self.settings.state_dir / "workload.log",
             on_event=self._on_event,
+            run_as=popen_user(self.settings),
         )
 
     def _on_event(self, event: WorkloadEvent) -> None:

@@ -35,6 +35,7 @@ from agent.update.releases import (
     Release,
     Releases,
     UpdateFailed,
+    check_release_ref,
 )
 from fleet.protocol.messages import ReleaseRef, UpdateState
 
@@ -56,11 +57,19 @@ class Installer:
     # ---- unpack ----------------------------------------------------------------------------
 
     def unpack(self, target: ReleaseRef, manifest: dict[str, Any], payload: Path) -> Release:
-        """Unpack ``payload`` into ``releases/<version>`` (complete before it gets that name)."""
+        """Unpack ``payload`` into ``releases/<version>`` (complete before it gets that name).
+
+        The release directory is 0755 (a workload of its own user reads it, ``agent.runas``); its
+        ``.fleet/`` with the payload and manifest stays the agent's (0700)."""
+        check_release_ref(target)  # a version is a directory name: nothing else is built from it
         final = self.releases.directory / target.version
         staging = self.releases.directory / f".{target.version}.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        (staging / ".fleet").mkdir(parents=True)
+        self.releases.directory.mkdir(exist_ok=True)
+        staging.mkdir()
+        (staging / ".fleet").mkdir(mode=0o700)
+        for directory in (self.releases.directory, staging):
+            os.chmod(directory, 0o755)  # noqa: S103 - whatever the umask (the unit's is 0077): the workload reads it
         import tarfile  # only while installing: the idle agent does not carry it
 
         try:
