@@ -143,6 +143,13 @@ def _gauge(name: str, documentation: str, label: str, values: dict[str, int]) ->
     return family
 
 
+def _counter(name: str, documentation: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family
+
+
 def _families(stats: FleetStats) -> Iterable[Metric]:
     yield _gauge(
         "fleet_nodes", "Nodes by status: online, stale (heartbeats late), offline.", "status", stats.nodes_by_status
@@ -216,16 +223,14 @@ def _families(stats: FleetStats) -> Iterable[Metric]:
         " means raise --max-transfers or stagger waves.",
         value=stats.artifact_requests_dropped,
     )
-    limited = CounterMetricFamily(
+    yield _counter(
         "fleet_artifact_requests_limited",
         "Artifact requests the release service's fair share cut, by reason: replaced (a newer request of the same"
         " device came while it waited), clamped (window cut to the cap), refused (error chunk), full_for_delta (no"
         " prepared delta: the full artifact was served).",
-        labels=["reason"],
+        "reason",
+        stats.artifact_requests_limited,
     )
-    for reason, count in sorted(stats.artifact_requests_limited.items()):
-        limited.add_metric([reason], count)
-    yield limited
     yield GaugeMetricFamily(
         "fleet_release_deltas_pending",
         "Deltas queued or being made for rollouts that started (the first wave may get full artifacts until then).",
@@ -240,23 +245,19 @@ def _families(stats: FleetStats) -> Iterable[Metric]:
         "1 on the controller that drives rollouts and resends (always 1 without --share).",
         value=1 if stats.leader else 0,
     )
-    rejected = CounterMetricFamily(
+    yield _counter(
         "fleet_device_values_rejected",
         "Values reported by devices outside the controller's bounds, by field (the message was dropped or the"
         " value replaced).",
-        labels=["field"],
+        "field",
+        stats.rejected_values,
     )
-    for name, count in sorted(stats.rejected_values.items()):
-        rejected.add_metric([name], count)
-    yield rejected
-    node_errors = CounterMetricFamily(
+    yield _counter(
         "fleet_rollout_node_errors",
         "Errors on one node while driving a rollout, by step; the other nodes carried on.",
-        labels=["step"],
+        "step",
+        stats.rollout_node_errors,
     )
-    for step, count in sorted(stats.rollout_node_errors.items()):
-        node_errors.add_metric([step], count)
-    yield node_errors
     expiry = GaugeMetricFamily(
         "fleet_certificate_expiry_timestamp_seconds",
         "When each certificate the controller knows expires (unix seconds): the CAs, its own identities, the"
